@@ -1,0 +1,46 @@
+"""omni: training and inference for early-fusion any-to-any multimodal models.
+
+``import omni`` is cheap: torch and every heavy module load on first use of a name below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_LAZY = {
+    "Document": "omni.vocab:Document",
+    "Text": "omni.vocab:Text",
+    "Image": "omni.vocab:Image",
+    "Audio": "omni.vocab:Audio",
+    "UnifiedVocab": "omni.vocab:UnifiedVocab",
+    "UnifiedTokenizer": "omni.vocab:UnifiedTokenizer",
+    "RunConfig": "omni.config:RunConfig",
+    "load_config": "omni.config:load_config",
+    "OmniError": "omni.errors:OmniError",
+    "ConfigError": "omni.errors:ConfigError",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omni.config import RunConfig, load_config
+    from omni.errors import ConfigError, OmniError
+    from omni.vocab import Audio, Document, Image, Text, UnifiedTokenizer, UnifiedVocab
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'omni' has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

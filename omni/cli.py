@@ -1,0 +1,55 @@
+"""The `omni` command: one entry point, subcommand groups.
+
+Building the parser imports nothing heavy; each command imports what it needs when it runs.
+A user error (:class:`omni.errors.OmniError`) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand groups: name -> module with `register(subparsers)`. A group is listed once it works.
+GROUPS = {
+    "tokenizer": "omni.commands.tokenizer",
+}
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import omni
+
+    parser = argparse.ArgumentParser(
+        prog="omni",
+        description="Training and inference for early-fusion any-to-any multimodal models.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"omni {omni.__version__}")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    for name, module in GROUPS.items():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omni.errors import OmniError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except OmniError as e:
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omni: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # python -m omni.cli
+    sys.exit(main())

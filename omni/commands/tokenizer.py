@@ -1,0 +1,166 @@
+"""`omni tokenizer ...`: train modality tokenizers, bundle them, encode and decode with a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# Modules adding `omni tokenizer train <modality>` (and `eval <modality>`): each has
+# `register_train(train_subparsers)` and optionally `register_eval(eval_subparsers)`.
+MODALITY_COMMANDS = [
+    "omni.commands.tokenizer_text",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from omni.cli import Formatter
+
+    p = sub.add_parser("tokenizer", help="train, bundle and use tokenizers", formatter_class=Formatter)
+    tsub = p.add_subparsers(dest="tokenizer_cmd", metavar="COMMAND", required=True)
+
+    train = tsub.add_parser("train", help="train a modality tokenizer", formatter_class=Formatter)
+    train_sub = train.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+    eval_sub = None
+    for module in MODALITY_COMMANDS:
+        mod = importlib.import_module(module)
+        mod.register_train(train_sub)
+        if hasattr(mod, "register_eval"):
+            if eval_sub is None:
+                ev = tsub.add_parser("eval", help="evaluate a modality tokenizer", formatter_class=Formatter)
+                eval_sub = ev.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+            mod.register_eval(eval_sub)
+
+    b = tsub.add_parser(
+        "bundle",
+        help="join text, image and audio tokenizers into one unified bundle",
+        description="Lay out one id space [text][specials][image][audio] over the given tokenizers "
+        "and write vocab.json plus text/, image/, audio/ folders. Each DIR is a tokenizer folder "
+        "written by `omni tokenizer train`, or a bundle (its matching folder is taken).",
+        formatter_class=Formatter,
+    )
+    b.add_argument("--text", required=True, metavar="DIR", help="text tokenizer folder or bundle")
+    b.add_argument("--image", metavar="DIR", help="image tokenizer folder or bundle")
+    b.add_argument("--audio", metavar="DIR", help="audio tokenizer folder or bundle")
+    b.add_argument("--reserved-specials", type=int, default=16, metavar="N",
+                   help="reserved special ids after the named ones (default 16)")
+    b.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    b.set_defaults(func=_bundle)
+
+    e = tsub.add_parser("encode", help="encode text (and image/audio files) to ids", formatter_class=Formatter)
+    e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer bundle")
+    e.add_argument("segments", nargs="*", metavar="SEGMENT",
+                   help="in order: plain text, or @image:FILE / @audio:FILE for a media file")
+    e.add_argument("--out", metavar="FILE", help="write ids JSON here (default: print to stdout)")
+    e.add_argument("--no-bos", action="store_true", help="do not start with <bos>")
+    e.set_defaults(func=_encode)
+
+    d = tsub.add_parser("decode", help="decode an ids JSON file back to a document", formatter_class=Formatter)
+    d.add_argument("ids", metavar="FILE", help="ids JSON written by `omni tokenizer encode`")
+    d.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer bundle")
+    d.add_argument("--lenient", action="store_true", help="keep what decodes instead of failing")
+    d.set_defaults(func=_decode)
+
+
+def _bundle(args) -> int:
+    from omni.errors import OmniError
+    from omni.tokenizers.base import load_tokenizer
+    from omni.vocab import UnifiedTokenizer
+
+    if args.reserved_specials < 0:
+        raise OmniError(f"--reserved-specials must be >= 0, got {args.reserved_specials}")
+    text = load_tokenizer(args.text, "text")
+    image = load_tokenizer(args.image, "image") if args.image else None
+    audio = load_tokenizer(args.audio, "audio") if args.audio else None
+    tok = UnifiedTokenizer.build(text, image, audio, n_reserved_specials=args.reserved_specials)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok}")
+    return 0
+
+
+def read_image_file(path: str):
+    """An image file -> omni.Image (grayscale, RGBA and palette converted to RGB)."""
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    from omni.errors import OmniError
+    from omni.vocab import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise OmniError(f"image file not found: {p}")
+    try:
+        with PILImage.open(p) as im:
+            im.load()
+            return Image(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise OmniError(f"cannot read image {p}: {e}") from None
+
+
+def read_audio_file(path: str):
+    """A wav/flac/ogg file -> omni.Audio (multi-channel averaged to mono)."""
+    import soundfile as sf
+
+    from omni.errors import OmniError
+    from omni.vocab import Audio
+
+    p = Path(path)
+    if not p.is_file():
+        raise OmniError(f"audio file not found: {p}")
+    try:
+        wave, sr = sf.read(str(p), dtype="float32", always_2d=True)  # [T,C]
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise OmniError(f"cannot read audio {p}: {e} (supported: wav, flac, ogg)") from None
+    return Audio(wave.T, sr)
+
+
+def _encode(args) -> int:
+    from omni.io import atomic_write_text
+    from omni.vocab import Document, Text, UnifiedTokenizer
+
+    tok = UnifiedTokenizer.load(args.tokenizer)
+    segs = []
+    for s in args.segments:
+        if s.startswith("@image:"):
+            segs.append(read_image_file(s[len("@image:"):]))
+        elif s.startswith("@audio:"):
+            segs.append(read_audio_file(s[len("@audio:"):]))
+        else:
+            segs.append(Text(s))
+    ids = tok.encode(Document(segs), bos=not args.no_bos)
+    out = json.dumps({"ids": ids.tolist(), "tokenizer": tok.identity()})
+    if args.out:
+        atomic_write_text(args.out, out + "\n")
+        print(f"wrote {len(ids)} ids to {args.out}")
+    else:
+        print(out)
+    return 0
+
+
+def _decode(args) -> int:
+    from omni.errors import OmniError
+    from omni.vocab import Audio, Image, Text, UnifiedTokenizer
+
+    p = Path(args.ids)
+    if not p.is_file():
+        raise OmniError(f"ids file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+        ids = data["ids"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OmniError(f"{p} is not an ids file written by `omni tokenizer encode`: {e}") from None
+    tok = UnifiedTokenizer.load(args.tokenizer)
+    tok.check_compatible(data.get("tokenizer", {}), what=f"the ids in {p}")
+    doc = tok.decode(ids, strict=not args.lenient)
+    for seg in doc.segments:
+        if isinstance(seg, Text):
+            print(seg.text)
+        elif isinstance(seg, Image):
+            print(f"[image {tuple(seg.pixels.shape)}]")
+        elif isinstance(seg, Audio):
+            print(f"[audio {seg.wave.shape[0] / seg.sample_rate:.2f}s at {seg.sample_rate} Hz]")
+    for msg in doc.dropped:
+        print(f"dropped: {msg}", file=sys.stderr)
+    return 0

@@ -1,0 +1,74 @@
+"""Configuration: one dataclass per component, nested into :class:`RunConfig`.
+
+YAML recipes under ``recipes/`` map 1:1 onto these dataclasses; CLI overrides are dotted
+``key=value``. See :mod:`omni.config.base` for loading, validation and saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omni.config.base import (
+    check,
+    check_choice,
+    describe,
+    field_docs,
+    help_text,
+    load_config,
+    save_config,
+    to_dict,
+)
+from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; a recipe YAML is a (partial) RunConfig."""
+
+    name: str = "omni"
+    """Run name, used in output paths and logs."""
+    seed: int = 0
+    """Global seed."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizers of the unified vocabulary."""
+
+
+def recipes_dir():
+    """The folder of shipped recipes (package data ``omni.recipes``)."""
+    from importlib.resources import files
+
+    return files("omni.recipes")
+
+
+def resolve_recipe(name_or_path: str):
+    """A recipe file: an existing path, or a shipped recipe named like ``tokenizers/text``."""
+    from pathlib import Path
+
+    from omni.errors import ConfigError
+
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    root = Path(str(recipes_dir()))
+    for cand in (root / name_or_path, root / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(str(q.relative_to(root).with_suffix("")) for q in root.rglob("*.yaml"))
+    raise ConfigError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe; shipped: {', '.join(shipped)}")
+
+
+__all__ = [
+    "RunConfig",
+    "TextTokenizerConfig",
+    "TokenizerConfig",
+    "check",
+    "check_choice",
+    "describe",
+    "field_docs",
+    "help_text",
+    "load_config",
+    "recipes_dir",
+    "resolve_recipe",
+    "save_config",
+    "to_dict",
+]
