@@ -1,0 +1,76 @@
+"""Shared fixtures: the one tiny setup every test builds on.
+
+Everything is built at random init or trained on data that ships offline (the stdlib's pydoc
+topics for text). Session-scoped so the suite pays for each artifact once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/doubles.py
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_TEXT_VOCAB = 512
+"""Text pieces of the tiny tokenizer every test shares."""
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Real English text that ships with Python: the pydoc topic pages (about 0.5 MB)."""
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("corpus") / "pydoc_topics.txt"
+    path.write_text("\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(corpus_file):
+    from omni.config import TextTokenizerConfig
+    from omni.tokenizers.text import train_text_tokenizer
+
+    return train_text_tokenizer([str(corpus_file)], TextTokenizerConfig(vocab_size=TINY_TEXT_VOCAB), progress=False)
+
+
+@pytest.fixture(scope="session")
+def image_double():
+    from doubles import MeanColorImageTokenizer
+
+    return MeanColorImageTokenizer()
+
+
+@pytest.fixture(scope="session")
+def audio_double():
+    from doubles import EnvelopeAudioTokenizer
+
+    return EnvelopeAudioTokenizer()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(text_tokenizer, image_double, audio_double):
+    """A full bundle: real text tokenizer, test-double image and audio tokenizers."""
+    from omni.vocab import UnifiedTokenizer
+
+    return UnifiedTokenizer.build(text_tokenizer, image_double, audio_double)
+
+
+def run_cli(*args: str):
+    """Run `omni ARGS` in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from omni.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors and --help
+            rc = e.code if isinstance(e.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
