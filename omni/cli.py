@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Subcommand groups: name -> module with `register(subparsers)`. A group is listed once it works.
@@ -20,6 +21,16 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` overrides from a list that argparse filled greedily (``--input a b k=v``)."""
+    plain = [v for v in values if not _OVERRIDE.match(v)]
+    overrides = [v for v in values if _OVERRIDE.match(v)]
+    return plain, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     import omni
 
@@ -30,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"omni {omni.__version__}")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-    for name, module in GROUPS.items():
+    for module in GROUPS.values():
         importlib.import_module(module).register(sub)
     return parser
 

@@ -25,7 +25,6 @@ from omni.errors import DecodeError, OmniError, VocabMismatchError
 from omni.io import atomic_write_text, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
     from omni.tokenizers.base import AudioTokenizer, ImageTokenizer
     from omni.tokenizers.text import TextTokenizer
@@ -134,7 +133,7 @@ def to_pixels(x: Any):
         PILImage = None
     if PILImage is not None and isinstance(x, PILImage.Image):
         x = np.asarray(x.convert("RGB"))
-    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    t = torch.from_numpy(np.array(x)) if not isinstance(x, torch.Tensor) else x  # copy: arrays may be read-only
     if t.dim() == 2:
         t = t[None]
     elif t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):

@@ -149,7 +149,7 @@ def _decode(args) -> int:
     try:
         data = json.loads(p.read_text())
         ids = data["ids"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise OmniError(f"{p} is not an ids file written by `omni tokenizer encode`: {e}") from None
     tok = UnifiedTokenizer.load(args.tokenizer)
     tok.check_compatible(data.get("tokenizer", {}), what=f"the ids in {p}")

@@ -15,13 +15,13 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         description="Train a SentencePiece BPE tokenizer (byte fallback, split digits, lossless) on "
         "the lines of text files, and write a text-only tokenizer bundle that "
         "omni.UnifiedTokenizer.load(DIR) loads.",
-        epilog=help_text(TextTokenizerConfig),
+        epilog=help_text(TextTokenizerConfig) + "\n(keys are relative to the recipe's tokenizer.text section)",
         formatter_class=Formatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="FILES_OR_GLOBS",
                    help="text files, folders or globs (quote globs; ** recurses)")
     p.add_argument("--vocab-size", type=int, metavar="N", help="number of text pieces (config key vocab_size)")
-    p.add_argument("--config", metavar="YAML", help="a TextTokenizerConfig YAML to start from")
+    p.add_argument("--config", metavar="YAML", help="a recipe to start from (its tokenizer.text section is used)")
     p.add_argument("--reserved-specials", type=int, default=16, metavar="N",
                    help="reserved special ids in the bundle (default 16)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
@@ -31,18 +31,20 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
-    from omni.config import TextTokenizerConfig, load_config
+    from omni.cli import split_overrides
+    from omni.config import load_section
     from omni.errors import OmniError
     from omni.tokenizers.text import train_text_tokenizer
     from omni.vocab import UnifiedTokenizer
 
-    overrides = list(args.overrides)
+    inputs, extra = split_overrides(args.input)  # `--input a.txt vocab_size=9` also works
+    overrides = list(args.overrides) + extra
     if args.vocab_size is not None:
         overrides.append(f"vocab_size={args.vocab_size}")
     if args.reserved_specials < 0:
         raise OmniError(f"--reserved-specials must be >= 0, got {args.reserved_specials}")
-    cfg = load_config(TextTokenizerConfig, args.config, overrides=overrides)
-    text = train_text_tokenizer(args.input, cfg, progress=not args.quiet)
+    cfg = load_section("tokenizer.text", args.config, overrides)
+    text = train_text_tokenizer(inputs, cfg, progress=not args.quiet)
     tok = UnifiedTokenizer.build(text, n_reserved_specials=args.reserved_specials)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok}")

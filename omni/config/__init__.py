@@ -33,6 +33,18 @@ class RunConfig:
     """Tokenizers of the unified vocabulary."""
 
 
+def load_section(section: str, recipe=None, overrides=(), cls=None):
+    """Load ``recipe`` (a RunConfig YAML) with ``overrides`` relative to ``section`` and return it.
+
+    ``load_section("tokenizer.text", "recipes/tokenizers/text.yaml", ["vocab_size=4000"])`` gives
+    the TextTokenizerConfig of that recipe with vocab_size changed. Error messages name full keys.
+    """
+    cfg = load_config(cls or RunConfig, recipe, overrides=[f"{section}.{o}" for o in overrides])
+    for part in section.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def recipes_dir():
     """The folder of shipped recipes (package data ``omni.recipes``)."""
     from importlib.resources import files
@@ -67,6 +79,7 @@ __all__ = [
     "field_docs",
     "help_text",
     "load_config",
+    "load_section",
     "recipes_dir",
     "resolve_recipe",
     "save_config",

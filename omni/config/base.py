@@ -152,6 +152,22 @@ def _omegaconf_message(e: Exception, cls: type) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"could not read config {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of config keys, got {type(data).__name__}")
+    return data
+
+
 def load_config(
     cls: type[T],
     *sources: str | os.PathLike | dict | None,
@@ -176,12 +192,7 @@ def load_config(
             if isinstance(src, dict):
                 layer = OmegaConf.create(src)
             else:
-                p = Path(src)
-                if not p.is_file():
-                    raise ConfigError(f"config file not found: {p}")
-                layer = OmegaConf.load(p)
-                if layer is None or not hasattr(layer, "keys"):
-                    raise ConfigError(f"{p}: expected a YAML mapping of config keys")
+                layer = OmegaConf.create(_read_yaml(Path(src)))
             merged = OmegaConf.merge(merged, layer)
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(merged, resolve=True)

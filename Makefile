@@ -1,0 +1,34 @@
+# The two set-up commands of the README. Each makes the project virtualenv (.venv) by itself.
+#   make demo   the main job on its embedded defaults
+#   make test   the whole test suite (what CI runs, through .ci/run)
+
+PY     ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; a GPU cluster uses the Dockerfile (NGC base image) instead.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/quickstart
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,hf]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m omni.toy.text $(RUN)/corpus.txt
+	$(BIN)/omni tokenizer train text --input $(RUN)/corpus.txt --vocab-size 4000 --out $(RUN)/tokenizer
+	$(BIN)/omni tokenizer encode --tokenizer $(RUN)/tokenizer "One vocabulary for text, images and audio: <boi> stays text." --out $(RUN)/ids.json
+	$(BIN)/omni tokenizer decode $(RUN)/ids.json --tokenizer $(RUN)/tokenizer
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs/quickstart

@@ -1,0 +1,108 @@
+"""Config machinery: YAML + key=value onto dataclasses, errors that name the key, docs for --help."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from omni.config import RunConfig, TextTokenizerConfig, field_docs, load_config, load_section, save_config
+from omni.errors import ConfigError
+
+
+def _all_dataclasses(cls, seen=None):
+    import typing
+
+    seen = seen if seen is not None else set()
+    if cls in seen:
+        return seen
+    seen.add(cls)
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        for cand in (tp, *typing.get_args(tp)):
+            if dataclasses.is_dataclass(cand):
+                _all_dataclasses(cand, seen)
+    return seen
+
+
+def test_every_field_has_a_docstring():
+    missing = [f"{c.__name__}.{f.name}" for c in _all_dataclasses(RunConfig) for f in dataclasses.fields(c)
+               if not field_docs(c).get(f.name)]
+    assert not missing, f"fields without a one-line docstring: {missing}"
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("seed: 3\ntokenizer:\n  text:\n    vocab_size: 1000\n    model_type: unigram\n")
+    cfg = load_config(RunConfig, y, overrides=["tokenizer.text.vocab_size=2000"])
+    assert cfg.seed == 3
+    assert cfg.tokenizer.text.model_type == "unigram"  # from YAML
+    assert cfg.tokenizer.text.vocab_size == 2000  # override wins over YAML
+    assert cfg.tokenizer.text.split_digits is True  # default kept
+    assert isinstance(cfg.tokenizer.text, TextTokenizerConfig)
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("tokenizer.text.vocab_sise=10", ["unknown config key 'tokenizer.text.vocab_sise'", "Did you mean 'vocab_size'", "character_coverage"]),
+        ("tokenizr.text.vocab_size=10", ["unknown config key 'tokenizr'", "Valid keys", "tokenizer"]),
+        ("tokenizer.text.vocab_size=lots", ["tokenizer.text.vocab_size", "'lots'", "Integer"]),
+        ("tokenizer.text.vocab_size=100", ["tokenizer.text.vocab_size=100", "[257, 1000000]"]),
+        ("tokenizer.text.model_type=wordpiece", ["tokenizer.text.model_type='wordpiece'", "'bpe', 'unigram'"]),
+        ("tokenizer.n_reserved_specials=-1", ["tokenizer.n_reserved_specials=-1", "[0, 1024]"]),
+        ("seed", ["not of the form key=value"]),
+    ],
+)
+def test_bad_values_name_the_key_and_the_valid_choices(override, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, overrides=[override])
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokenizer: [1, 2\n")
+    with pytest.raises(ConfigError, match="could not read config"):
+        load_config(RunConfig, bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping"):
+        load_config(RunConfig, scalar)
+
+
+def test_saved_config_reloads_equal(tmp_path):
+    cfg = load_config(RunConfig, overrides=["name=x", "tokenizer.text.vocab_size=3000"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(RunConfig, path) == cfg
+    assert not list(Path(tmp_path).glob(".*tmp"))  # atomic write left no temp file
+
+
+def test_load_section_takes_relative_overrides():
+    cfg = load_section("tokenizer.text", None, ["vocab_size=4000"])
+    assert cfg == TextTokenizerConfig(vocab_size=4000)
+    with pytest.raises(ConfigError, match="tokenizer.text.nope"):
+        load_section("tokenizer.text", None, ["nope=1"])
+
+
+def test_every_shipped_recipe_loads():
+    """litgpt's config-hub test: every YAML under recipes/ is a valid (partial) RunConfig."""
+    from omni.config import recipes_dir
+
+    root = Path(str(recipes_dir()))
+    recipes = sorted(root.rglob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for path in recipes:
+        load_config(RunConfig, path)
+
+
+def test_resolve_recipe_by_name_lists_choices_when_unknown():
+    from omni.config import resolve_recipe
+
+    assert resolve_recipe("tokenizers/text").name == "text.yaml"
+    with pytest.raises(ConfigError, match="tokenizers/text"):
+        resolve_recipe("no-such-recipe")
