@@ -14,6 +14,7 @@ import sys
 # Subcommand groups: name -> module with `register(subparsers)`. A group is listed once it works.
 GROUPS = {
     "tokenizer": "omni.commands.tokenizer",
+    "data": "omni.commands.data",
 }
 
 

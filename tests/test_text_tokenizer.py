@@ -93,6 +93,8 @@ def test_cli_bad_corpus_and_vocab_size(tmp_path, corpus_file):
         (["--input", corpus_file, "--vocab-size", 10], "vocab_size=10 is invalid"),
         (["--input", corpus_file, "model_type=wordpiece"], "one of 'bpe', 'unigram'"),
         (["--input", corpus_file, "vocab_sise=300"], "Did you mean 'vocab_size'"),
+        (["--input", corpus_file, "vocab_size=lots"], "config key 'tokenizer.text.vocab_size': Value 'lots'"),
+        (["--input", corpus_file, "--config", tmp_path / "none.yaml"], "config file not found"),
     ]
     for extra, needle in cases:
         rc, out, err = run_cli("tokenizer", "train", "text", *extra, "--out", tmp_path / "o", "--quiet")

@@ -176,6 +176,15 @@ def test_cli_bundle_encode_decode_and_refusal(tmp_path, text_tokenizer, image_do
     rc, out, err = run_cli("tokenizer", "decode", tmp_path / "ids.json", "--tokenizer", tmp_path / "textonly")
     assert rc == 2 and "made with another tokenizer bundle" in err and "image tokenizer" in err
 
+    # malformed ids: strict decoding is a clear error (exit 2), --lenient keeps the rest
+    ids = json.loads((tmp_path / "ids.json").read_text())
+    ids["ids"] = ids["ids"][:-3]  # cut the image block short, drop <eoi>
+    (tmp_path / "cut.json").write_text(json.dumps(ids))
+    rc, out, err = run_cli("tokenizer", "decode", tmp_path / "cut.json", "--tokenizer", tmp_path / "full")
+    assert rc == 2 and "image block opened at position" in err and "is not closed" in err
+    rc, out, err = run_cli("tokenizer", "decode", tmp_path / "cut.json", "--tokenizer", tmp_path / "full", "--lenient")
+    assert rc == 0 and out.strip() == "a black square:" and "dropped: image block" in err
+
     (tmp_path / "junk.png").write_bytes(b"not an image")
     for args, needle in [
         (["bundle", "--text", tmp_path / "nope", "--out", tmp_path / "x"], "tokenizer folder not found"),

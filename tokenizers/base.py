@@ -182,6 +182,15 @@ def load_tokenizer(directory: str | os.PathLike, modality: str | None = None):
     return tokenizer_class(kind).load(d)
 
 
+def plugin_modules() -> list[str]:
+    """Modules outside omni whose tokenizer classes were registered at run time.
+
+    Worker processes import them before loading a bundle, so user-registered kinds work there too.
+    """
+    return sorted({e.__module__ for e in _REGISTRY.values()
+                   if isinstance(e, type) and not e.__module__.startswith("omni.")})
+
+
 def registered_kinds() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -18,6 +18,7 @@ from omni.config.base import (
     save_config,
     to_dict,
 )
+from omni.config.data import DataConfig, PreprocessConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
 
 
@@ -31,6 +32,8 @@ class RunConfig:
     """Global seed."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizers of the unified vocabulary."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preprocessing and the blended training stream."""
 
 
 def load_section(section: str, recipe=None, overrides=(), cls=None):
@@ -70,6 +73,8 @@ def resolve_recipe(name_or_path: str):
 
 
 __all__ = [
+    "DataConfig",
+    "PreprocessConfig",
     "RunConfig",
     "TextTokenizerConfig",
     "TokenizerConfig",

@@ -1,0 +1,68 @@
+"""`omni data preprocess`: tokenize WebDataset shards into packed token datasets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from omni.cli import Formatter
+    from omni.config import help_text
+    from omni.config.data import PreprocessConfig
+
+    p = sub.add_parser("data", help="preprocess raw shards into token datasets", formatter_class=Formatter)
+    dsub = p.add_subparsers(dest="data_cmd", metavar="COMMAND", required=True)
+    pre = dsub.add_parser(
+        "preprocess",
+        help="tokenize WebDataset shards into Megatron indexed token datasets + a manifest",
+        description="Tokenize every sample of the input shards with a tokenizer bundle. Output: "
+        "DIR/shards/*.bin/.idx (megatron-core IndexedDataset), DIR/manifest.json (documents and "
+        "tokens per modality, skipped samples by reason). Shard i belongs to rank i %% world; a "
+        "rerun skips finished shards. The input format is in docs/data.md.",
+        epilog=help_text(PreprocessConfig) + "\n(keys are relative to the recipe's data.preprocess section)",
+        formatter_class=Formatter,
+    )
+    pre.add_argument("--input", nargs="+", required=True, metavar="SHARDS",
+                     help="tar shards, folders, globs or brace patterns (data-{000..009}.tar)")
+    pre.add_argument("--tokenizer", required=True, metavar="BUNDLE", help="tokenizer bundle folder")
+    pre.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pre.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    pre.add_argument("--rank", type=int, default=None, metavar="R",
+                     help="this job's rank (default: the Slurm array task index, else 0)")
+    pre.add_argument("--world", type=int, default=None, metavar="W",
+                     help="number of jobs (default: the Slurm array task count, else 1)")
+    pre.add_argument("--config", metavar="YAML", help="a recipe (its data.preprocess section is used)")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
+    pre.set_defaults(func=_preprocess)
+
+
+def slurm_array_rank_world() -> tuple[int, int]:
+    """(rank, world) of a Slurm array task (ids need not start at 0), else (0, 1)."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        task_min = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - task_min, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def _preprocess(args) -> int:
+    from omni.cli import split_overrides
+    from omni.config import load_section
+    from omni.data.preprocess import preprocess
+
+    inputs, extra = split_overrides(args.input)
+    cfg = load_section("data.preprocess", args.config, list(args.overrides) + extra)
+    rank, world = slurm_array_rank_world()
+    rank = args.rank if args.rank is not None else rank
+    world = args.world if args.world is not None else world
+    summary = preprocess(inputs, args.tokenizer, args.out, cfg, workers=args.workers, rank=rank,
+                         world=world, progress=not args.quiet)
+    print(f"rank {rank}/{world}: {summary['processed']} shard(s) processed, {summary['already_done']} already "
+          f"done, {summary['documents']} documents from {summary['samples']} samples in {summary['seconds']:.1f}s")
+    if summary["manifest"]:
+        print(f"wrote {os.path.join(args.out, 'manifest.json')}")
+    else:
+        print("manifest.json not written yet: other ranks' shards are still missing")
+    return 0

@@ -1,0 +1,52 @@
+"""Data configs: preprocessing raw shards into token datasets, and reading them for training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omni.config.base import check, check_choice
+
+
+@dataclass
+class PreprocessConfig:
+    """How `omni data preprocess` turns samples into token documents."""
+
+    pair_order: str = "random"
+    """Order of a pair sample (image+caption, audio+transcript): 'media_first', 'text_first', or
+    'random' (chosen per sample from a hash of its key and the seed, so reruns agree)."""
+    seed: int = 0
+    """Seed of the 'random' pair order."""
+    add_bos: bool = True
+    """Start every document with <bos>."""
+    add_eos: bool = True
+    """End every document with <eos>."""
+    log_skipped: int = 1000
+    """At most this many skipped samples per shard are listed (key, reason) in its manifest; all are counted."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.pair_order, "pair_order", ("media_first", "text_first", "random"))
+        check(self.log_skipped >= 0, "log_skipped", self.log_skipped, ">= 0")
+
+
+@dataclass
+class DataConfig:
+    """Token datasets blended for training (each a folder written by `omni data preprocess`)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Token dataset folders."""
+    weights: list[float] = field(default_factory=list)
+    """Blend weight of each path (empty: equal weights); normalized to sum to 1."""
+    seq_len: int = 2048
+    """Tokens per packed training sequence (inputs; the labels are shifted by one)."""
+    seed: int = 1234
+    """Seed of the per-epoch document shuffle."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Options of `omni data preprocess`."""
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 8, "seq_len", self.seq_len, ">= 8")
+        if self.weights:
+            check(len(self.weights) == len(self.paths), "weights", self.weights,
+                  f"one weight per path ({len(self.paths)} paths)")
+            check(all(w >= 0 for w in self.weights) and sum(self.weights) > 0, "weights", self.weights,
+                  "non-negative numbers with a positive sum")

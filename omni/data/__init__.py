@@ -1,0 +1,1 @@
+"""Data: raw WebDataset shards -> packed token datasets (preprocess), and the training stream (packing)."""

@@ -1,0 +1,230 @@
+"""Training-side data: token datasets, packing into fixed-length sequences, blending, sharding by rank.
+
+* :class:`TokenDataset` reads a folder written by ``omni data preprocess`` (megatron-core's
+  ``IndexedDataset`` over each shard) and checks it was made with the model's tokenizer bundle.
+* :class:`DocumentPacker` walks a seeded per-epoch shuffle of the documents and packs them into
+  sequences of ``seq_len + 1`` tokens (inputs are the first ``seq_len``, labels the last). A
+  document that does not fit is split, but never inside an image or audio block: the split moves
+  back to just before the block's opener, and the remainder starts the next sequence.
+* :class:`BlendedSequences` interleaves several packers by weight with Megatron's deterministic
+  blending rule (take the dataset whose share so far lags its weight most), and hands sequence
+  ``i`` to data-parallel rank ``i % world``.
+
+Every piece has a ``state_dict`` / ``load_state_dict`` that restores the stream exactly.
+Each sequence carries per-token document ids (block-diagonal causal masks) and positions that
+restart at every document, plus the spans it was cut from, so it can be un-packed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omni.errors import OmniError
+
+
+class TokenDataset:
+    """The documents of one preprocessed folder, in shard order."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer=None):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise OmniError(f"{self.path} is not a finished token dataset: manifest.json is missing "
+                            f"(run `omni data preprocess ... --out {self.path}` until every shard is done)")
+        self.manifest = json.loads(mpath.read_text())
+        if tokenizer is not None:
+            tokenizer.check_compatible(self.manifest["tokenizer"], what=f"the token dataset {self.path}")
+        self.tokens, self.masks = [], []
+        for entry in self.manifest["shards"]:
+            prefix = self.path / "shards" / entry["name"]
+            self.tokens.append(IndexedDataset(str(prefix)))
+            self.masks.append(IndexedDataset(str(prefix) + ".mask"))
+        counts = np.array([len(t) for t in self.tokens], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.lengths = (np.concatenate([t.sequence_lengths for t in self.tokens]).astype(np.int64)
+                        if len(self.tokens) else np.zeros(0, np.int64))
+        self.max_block = int(self.manifest["totals"]["max_block"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document ``i``: (ids int64 [T], loss mask uint8 [T])."""
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = i - int(self._starts[s])
+        return self.tokens[s][j].astype(np.int64), self.masks[s][j]
+
+
+@dataclass
+class PackedSequence:
+    """One training sequence (``seq_len`` inputs)."""
+
+    input_ids: np.ndarray  # int64 [L]
+    labels: np.ndarray  # int64 [L]: input_ids shifted by one
+    loss_mask: np.ndarray  # float32 [L]: 1 where labels[t] is trained on
+    doc_ids: np.ndarray  # int64 [L]: 0, 1, 2, ... per document piece; -1 on padding
+    position_ids: np.ndarray  # int64 [L]: restart at 0 with every piece
+    spans: list[tuple[int, int, int, int, int]]  # (dataset, epoch, document, start, length) per piece, over L+1 tokens
+
+
+def split_points(ids: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> np.ndarray:
+    """bool [T+1]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves every block whole."""
+    depth = np.cumsum(np.isin(ids, opens).astype(np.int64) - np.isin(ids, closes).astype(np.int64))
+    # depth[k-1] > 0 means a block opened at or before k-1 is still open after it
+    ok = np.ones(len(ids) + 1, bool)
+    ok[1:] = depth <= 0
+    return ok
+
+
+class DocumentPacker:
+    """Greedy packing of one dataset's shuffled documents into sequences of ``seq_len + 1`` tokens."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, seed: int, vocab, index: int = 0):
+        if len(dataset) == 0:
+            raise OmniError(f"token dataset {dataset.path} holds no documents")
+        if dataset.max_block > seq_len + 1:
+            raise OmniError(f"seq_len={seq_len} is too short for {dataset.path}: its longest image/audio "
+                            f"block has {dataset.max_block} tokens and blocks are never split; "
+                            f"use seq_len >= {dataset.max_block - 1}")
+        self.ds, self.seq_len, self.seed, self.index = dataset, seq_len, seed, index
+        sp = vocab.specials
+        self.opens = np.array([sp["<boi>"], sp["<boa>"]])
+        self.closes = np.array([sp["<eoi>"], sp["<eoa>"]])
+        self.pad = sp["<pad>"]
+        self.epoch, self.cursor, self.offset = 0, 0, 0
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            rng = np.random.default_rng([self.seed, self.index, epoch])
+            self._order, self._order_epoch = rng.permutation(len(self.ds)), epoch
+        return self._order
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
+
+    def next(self) -> PackedSequence:
+        n = self.seq_len + 1
+        ids = np.full(n, self.pad, np.int64)
+        mask = np.zeros(n, np.uint8)
+        seg = np.full(n, -1, np.int64)
+        pos = np.zeros(n, np.int64)
+        spans = []
+        filled = 0
+        while filled < n:
+            doc = int(self.order(self.epoch)[self.cursor])
+            d_ids, d_mask = self.ds.document(doc)
+            rest = len(d_ids) - self.offset
+            room = n - filled
+            if rest <= room:
+                take = rest
+            else:
+                ok = split_points(d_ids[self.offset:], self.opens, self.closes)[: room + 1]
+                take = int(np.flatnonzero(ok)[-1])  # the longest piece that keeps blocks whole
+                if take == 0:  # a block starts here and does not fit: close this sequence with padding
+                    break
+            a, b = self.offset, self.offset + take
+            ids[filled : filled + take] = d_ids[a:b]
+            mask[filled : filled + take] = d_mask[a:b]
+            seg[filled : filled + take] = len(spans)
+            pos[filled : filled + take] = np.arange(take)
+            spans.append((self.index, self.epoch, doc, a, take))
+            filled += take
+            if b == len(d_ids):
+                self.offset = 0
+                self.cursor += 1
+                if self.cursor == len(self.ds):
+                    self.epoch, self.cursor = self.epoch + 1, 0
+            else:
+                self.offset = b
+        # Label t is token t+1; it is trained on only inside one piece and where the stored mask says so.
+        same = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
+        loss_mask = (same & (mask[1:] > 0)).astype(np.float32)
+        return PackedSequence(ids[:-1], ids[1:], loss_mask, seg[:-1], pos[:-1], spans)
+
+
+class BlendedSequences:
+    """Sequences from several packers mixed by weight; rank ``r`` of ``world`` gets every world-th one."""
+
+    def __init__(self, packers: list[DocumentPacker], weights: list[float] | None = None,
+                 rank: int = 0, world: int = 1):
+        if not packers:
+            raise OmniError("no token datasets to read (data.paths is empty)")
+        w = np.ones(len(packers)) if not weights else np.asarray(weights, np.float64)
+        self.weights = w / w.sum()
+        self.packers, self.rank, self.world = packers, rank, world
+        self.counts = np.zeros(len(packers), np.int64)
+        self.index = 0
+
+    def _choose(self) -> int:
+        # Megatron's blending: the dataset whose count lags its target share the most (ties: lowest index).
+        return int(np.argmax(self.weights * (self.index + 1) - self.counts))
+
+    def _next_global(self) -> PackedSequence:
+        k = self._choose()
+        seq = self.packers[k].next()
+        self.counts[k] += 1
+        self.index += 1
+        return seq
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PackedSequence:
+        while True:
+            mine = self.index % self.world == self.rank
+            seq = self._next_global()
+            if mine:
+                return seq
+
+    def next_batch(self, batch_size: int) -> dict:
+        """``batch_size`` sequences stacked into torch tensors [B, L]."""
+        import torch
+
+        seqs = [next(self) for _ in range(batch_size)]
+        out = {k: torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
+               for k in ("input_ids", "labels", "loss_mask", "doc_ids", "position_ids")}
+        out["spans"] = [s.spans for s in seqs]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "counts": self.counts.tolist(),
+                "packers": [p.state_dict() for p in self.packers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["packers"]) != len(self.packers):
+            raise OmniError(f"data state has {len(state['packers'])} datasets, this run has {len(self.packers)}")
+        self.index = int(state["index"])
+        self.counts = np.asarray(state["counts"], np.int64)
+        for p, s in zip(self.packers, state["packers"]):
+            p.load_state_dict(s)
+
+
+def build_stream(config, tokenizer, rank: int = 0, world: int = 1) -> BlendedSequences:
+    """The training stream of a :class:`omni.config.data.DataConfig`."""
+    datasets = [TokenDataset(p, tokenizer) for p in config.paths]
+    packers = [DocumentPacker(d, config.seq_len, config.seed, tokenizer.vocab, index=i)
+               for i, d in enumerate(datasets)]
+    return BlendedSequences(packers, list(config.weights) or None, rank, world)
+
+
+def unpack(sequences: list[PackedSequence]) -> dict[tuple[int, int, int], np.ndarray]:
+    """Reassemble document pieces: {(dataset, epoch, document): its tokens seen so far, in order}."""
+    pieces: dict[tuple[int, int, int], list[tuple[int, np.ndarray]]] = {}
+    for s in sequences:
+        tokens = np.concatenate([s.input_ids, s.labels[-1:]])  # the L+1 packed tokens
+        at = 0
+        for d, epoch, doc, start, length in s.spans:
+            pieces.setdefault((d, epoch, doc), []).append((start, tokens[at : at + length]))
+            at += length
+    return {k: np.concatenate([t for _, t in sorted(v, key=lambda x: x[0])]) for k, v in pieces.items()}
