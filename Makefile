@@ -10,7 +10,10 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/quickstart
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean system-deps
+
+# Debian packages the tests use: chromium (the generated page is rendered headless).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +27,11 @@ demo: $(STAMP)
 	$(BIN)/omni tokenizer encode --tokenizer $(RUN)/tokenizer "One vocabulary for text, images and audio: <boi> stays text." --out $(RUN)/ids.json
 	$(BIN)/omni tokenizer decode $(RUN)/ids.json --tokenizer $(RUN)/tokenizer
 
-test: $(STAMP)
+system-deps:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -22,13 +22,23 @@ _LAZY = {
     "load_config": "omni.config:load_config",
     "OmniError": "omni.errors:OmniError",
     "ConfigError": "omni.errors:ConfigError",
+    "generate": "omni.generate:generate",
+    "GenerateConfig": "omni.config.generate:GenerateConfig",
+    "load": "omni.checkpoint:load",
+    "OmniDecoder": "omni.model:OmniDecoder",
+    "ModelConfig": "omni.config.model:ModelConfig",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from omni.checkpoint import load
     from omni.config import RunConfig, load_config
+    from omni.config.generate import GenerateConfig
+    from omni.config.model import ModelConfig
     from omni.errors import ConfigError, OmniError
+    from omni.generate import generate
+    from omni.model import OmniDecoder
     from omni.vocab import Audio, Document, Image, Text, UnifiedTokenizer, UnifiedVocab
 
 

@@ -15,6 +15,10 @@ import sys
 GROUPS = {
     "tokenizer": "omni.commands.tokenizer",
     "data": "omni.commands.data",
+    "train": "omni.commands.train",
+    "generate": "omni.commands.generate",
+    "convert": "omni.commands.convert",
+    "model": "omni.commands.model",
 }
 
 
@@ -51,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     from omni.errors import OmniError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling a trailing `key=value ...` positional at the first option after it
+    # (`omni train r.yaml --quiet a=1`); collect such overrides wherever they stand.
+    args, extra = parser.parse_known_args(argv)
+    overrides, rest = [e for e in extra if _OVERRIDE.match(e)], [e for e in extra if not _OVERRIDE.match(e)]
+    if rest or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     try:
         rc = args.func(args)
     except OmniError as e:

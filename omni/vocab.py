@@ -119,10 +119,29 @@ class Document:
         return [s for s in self.segments if isinstance(s, Audio)]
 
 
+def pil_to_rgb(im):
+    """A PIL image of any mode -> uint8 array [H,W,3].
+
+    The one rule for transparency (Chameleon's): RGBA, LA and palette images with transparency are
+    composited onto white; every other mode (L, 1, I;16, CMYK, ...) goes through ``convert('RGB')``.
+    """
+    import numpy as np
+    from PIL import Image as PILImage
+
+    if im.mode != "RGB":
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            rgba = im.convert("RGBA")
+            im = PILImage.alpha_composite(PILImage.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
 def to_pixels(x: Any):
     """PIL image, uint8/float array or tensor ([H,W], [H,W,C] or [C,H,W]) -> float [3,H,W] in [0,1].
 
-    Grayscale is repeated to RGB; RGBA, palette and other PIL modes go through ``convert('RGB')``.
+    Grayscale is repeated to RGB; transparency is composited onto white (:func:`pil_to_rgb`).
     """
     import numpy as np
     import torch
@@ -132,7 +151,7 @@ def to_pixels(x: Any):
     except ImportError:  # pragma: no cover
         PILImage = None
     if PILImage is not None and isinstance(x, PILImage.Image):
-        x = np.asarray(x.convert("RGB"))
+        x = pil_to_rgb(x)
     t = torch.from_numpy(np.array(x)) if not isinstance(x, torch.Tensor) else x  # copy: arrays may be read-only
     if t.dim() == 2:
         t = t[None]
@@ -140,8 +159,9 @@ def to_pixels(x: Any):
         t = t.permute(2, 0, 1)  # [H,W,C] -> [C,H,W]
     if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
         raise OmniError(f"image must be [H,W], [H,W,C] or [C,H,W] with C in 1, 3, 4; got shape {tuple(t.shape)}")
-    if t.shape[0] == 4:
-        t = t[:3]
+    if t.shape[0] == 4:  # RGBA array: composite onto white, the PIL rule below
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        t = t[:3] * t[3:] + (1 - t[3:])
     if t.shape[0] == 1:
         t = t.expand(3, -1, -1)
     if t.dtype == torch.uint8:

@@ -74,3 +74,15 @@ def run_cli(*args: str):
         except SystemExit as e:  # argparse usage errors and --help
             rc = e.code if isinstance(e.code, int) else 1
     return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    """The one tiny decoder config all tests share (recipes/models/tiny.yaml; vocab fits `tokenizer`)."""
+    import yaml
+
+    from omni.config import load_config
+    from omni.config.model import ModelConfig
+
+    path = Path(__file__).parent.parent / "recipes" / "models" / "tiny.yaml"
+    return load_config(ModelConfig, yaml.safe_load(path.read_text())["model"])

@@ -196,3 +196,17 @@ def test_cli_bundle_encode_decode_and_refusal(tmp_path, text_tokenizer, image_do
     ]:
         rc, out, err = run_cli("tokenizer", *args)
         assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
+
+
+def test_transparency_is_composited_onto_white():
+    from PIL import Image as PILImage
+
+    clear = np.zeros((5, 6, 4), np.uint8)  # fully transparent black
+    for x in (PILImage.fromarray(clear, "RGBA"), clear, PILImage.fromarray(clear, "RGBA").convert("LA")):
+        assert torch.equal(omni.Image(x).pixels, torch.ones(3, 5, 6))
+    half = np.full((2, 3, 4), 255, np.uint8)
+    half[..., :3] = 0
+    half[..., 3] = 0  # transparent over white -> white; opaque black stays black
+    half[0, 0, 3] = 255
+    px = omni.Image(half).pixels
+    assert px[:, 0, 0].tolist() == [0, 0, 0] and px[:, 1, 1].tolist() == [1, 1, 1]

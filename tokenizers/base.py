@@ -135,6 +135,9 @@ class AudioTokenizer(ModalityTokenizer):
 # kind -> "module:Class". Built-in tokenizers are imported only when a bundle names them.
 _REGISTRY: dict[str, str | type[ModalityTokenizer]] = {
     "sentencepiece": "omni.tokenizers.text:TextTokenizer",
+    "whisper-vq-audio": "omni.tokenizers.audio:WhisperVQAudioTokenizer",
+    "hf-tokenizers": "omni.tokenizers.text_hf:HFTextTokenizer",
+    "vq-image": "omni.tokenizers.image:VQImageTokenizer",
 }
 
 

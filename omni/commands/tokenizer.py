@@ -12,6 +12,8 @@ from pathlib import Path
 # `register_train(train_subparsers)` and optionally `register_eval(eval_subparsers)`.
 MODALITY_COMMANDS = [
     "omni.commands.tokenizer_text",
+    "omni.commands.tokenizer_audio",
+    "omni.commands.tokenizer_image",
 ]
 
 

@@ -19,7 +19,10 @@ from omni.config.base import (
     to_dict,
 )
 from omni.config.data import DataConfig, PreprocessConfig
+from omni.config.generate import GenerateConfig, SamplingConfig
+from omni.config.model import ModelConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
+from omni.config.train import LossWeights, ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -34,6 +37,14 @@ class RunConfig:
     """Tokenizers of the unified vocabulary."""
     data: DataConfig = field(default_factory=DataConfig)
     """Preprocessing and the blended training stream."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder (omni.model.OmniDecoder)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism of the plain-PyTorch backend."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Sampling and stopping of `omni generate`."""
 
 
 def load_section(section: str, recipe=None, overrides=(), cls=None):
@@ -74,6 +85,12 @@ def resolve_recipe(name_or_path: str):
 
 __all__ = [
     "DataConfig",
+    "GenerateConfig",
+    "SamplingConfig",
+    "LossWeights",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainConfig",
     "PreprocessConfig",
     "RunConfig",
     "TextTokenizerConfig",

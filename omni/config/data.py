@@ -32,6 +32,8 @@ class PreprocessConfig:
 class DataConfig:
     """Token datasets blended for training (each a folder written by `omni data preprocess`)."""
 
+    tokenizer: str = ""
+    """Tokenizer bundle folder the token datasets were made with (training refuses others)."""
     paths: list[str] = field(default_factory=list)
     """Token dataset folders."""
     weights: list[float] = field(default_factory=list)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omni.config.audio_tokenizer import AudioTokenizerRecipe
 from omni.config.base import check, check_choice
+from omni.config.image_tokenizer import ImageTrainConfig
 
 
 @dataclass
@@ -47,7 +49,11 @@ class TokenizerConfig:
     """The modality tokenizers that make up one unified tokenizer bundle."""
 
     text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
-    """Text tokenizer (SentencePiece BPE)."""
+    """Text tokenizer (SentencePiece BPE) and its training."""
+    image: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    """Image tokenizer (VQGAN family) and its training."""
+    audio: AudioTokenizerRecipe = field(default_factory=AudioTokenizerRecipe)
+    """Audio tokenizer (whisper front end + VQ) and its training."""
     n_reserved_specials: int = 16
     """Reserved special ids after the named specials, for routing tokens added later without re-layout."""
 

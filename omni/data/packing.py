@@ -68,7 +68,8 @@ class PackedSequence:
 
     input_ids: np.ndarray  # int64 [L]
     labels: np.ndarray  # int64 [L]: input_ids shifted by one
-    loss_mask: np.ndarray  # float32 [L]: 1 where labels[t] is trained on
+    loss_mask: np.ndarray  # float32 [L]: 1 where labels[t] is trained on in SFT (prompt segments are 0)
+    valid_mask: np.ndarray  # float32 [L]: 1 where labels[t] is a real next token of the same piece (pretraining)
     doc_ids: np.ndarray  # int64 [L]: 0, 1, 2, ... per document piece; -1 on padding
     position_ids: np.ndarray  # int64 [L]: restart at 0 with every piece
     spans: list[tuple[int, int, int, int, int]]  # (dataset, epoch, document, start, length) per piece, over L+1 tokens
@@ -150,7 +151,7 @@ class DocumentPacker:
         # Label t is token t+1; it is trained on only inside one piece and where the stored mask says so.
         same = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
         loss_mask = (same & (mask[1:] > 0)).astype(np.float32)
-        return PackedSequence(ids[:-1], ids[1:], loss_mask, seg[:-1], pos[:-1], spans)
+        return PackedSequence(ids[:-1], ids[1:], loss_mask, same.astype(np.float32), seg[:-1], pos[:-1], spans)
 
 
 class BlendedSequences:
@@ -193,7 +194,7 @@ class BlendedSequences:
 
         seqs = [next(self) for _ in range(batch_size)]
         out = {k: torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
-               for k in ("input_ids", "labels", "loss_mask", "doc_ids", "position_ids")}
+               for k in ("input_ids", "labels", "loss_mask", "valid_mask", "doc_ids", "position_ids")}
         out["spans"] = [s.spans for s in seqs]
         return out
 

@@ -241,10 +241,17 @@ def preprocess(
     done: list[dict] = []
     bar = tqdm(total=len(todo), unit="shard", desc=f"preprocess rank {rank}/{world}", disable=not progress)
     if workers == 1 or len(todo) <= 1:
-        for path, name, o in todo:
-            done.append(process_shard(Path(path), name, Path(o), tok, cfg))
-            bar.update(1)
-            bar.set_postfix(docs=sum(d["documents"] for d in done))
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # --workers N means N processes of one thread each
+        try:
+            for path, name, o in todo:
+                done.append(process_shard(Path(path), name, Path(o), tok, cfg))
+                bar.update(1)
+                bar.set_postfix(docs=sum(d["documents"] for d in done))
+        finally:
+            torch.set_num_threads(threads)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

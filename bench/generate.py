@@ -1,0 +1,129 @@
+"""Generation speed: omni.generate vs transformers' Chameleon generate(), same weights, one run.
+
+    nice .venv/bin/python bench/generate.py [--recipe models/20m] [--text-tokens 128] [--grid 16]
+
+Both models are the ~20M recipe holding the SAME weights (omni's Chameleon converter maps one
+onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
+
+1. text decoding: a 16-token prompt, ``--text-tokens`` greedy new tokens -> decode tokens/s;
+2. one image block (``<boi>`` + grid*grid codes + ``<eoi>``) without guidance, and
+3. with classifier-free guidance (scale 3).
+
+transformers masks image-code logits in Chameleon's forward for the released weights, so its
+generate() cannot emit image codes: its "image block" is the same number of new tokens
+(``min_new_tokens = max_new_tokens``), the same model work. Its guidance is generate()'s
+``guidance_scale`` (a second, unconditional forward per step). omni's image time also includes
+decoding the block to pixels with the image tokenizer (random init; the decoder is timed, not
+judged). Ratios > 1 mean omni is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(recipe: str, grid: int):
+    import tempfile
+
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    import omni
+    from omni.commands.model import load_model_config
+    from omni.config import TextTokenizerConfig
+    from omni.config.image_tokenizer import ImageTokenizerConfig
+    from omni.convert_chameleon import convert_state_dict
+    from omni.tokenizers.image import VQImageTokenizer
+    from omni.tokenizers.text import train_text_tokenizer
+    from omni.toy.text import write_corpus
+
+    corpus = write_corpus(Path(tempfile.mkdtemp()) / "corpus.txt")
+    text = train_text_tokenizer([str(corpus)], TextTokenizerConfig(vocab_size=4000), progress=False)
+    image = VQImageTokenizer(ImageTokenizerConfig(image_size=grid * 8, codebook_size=1024)).eval()
+    tok = omni.UnifiedTokenizer.build(text, image)
+    cfg = load_model_config(recipe, [f"vocab_size={tok.vocab.size}", f"max_seq_len={max(2048, grid * grid + 512)}"])
+    hf_cfg = ChameleonConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        max_position_embeddings=cfg.max_seq_len, swin_norm=cfg.swin_norm, tie_word_embeddings=cfg.tie_embeddings,
+        vocabulary_map={"<image>": cfg.vocab_size - 1},
+        vq_config=dict(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=32, base_channels=32,
+                       channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[]),
+    )
+    torch.manual_seed(0)
+    hf = ChameleonForConditionalGeneration(hf_cfg).eval()
+    model = omni.OmniDecoder(cfg).eval()
+    model.load_state_dict(convert_state_dict(hf.state_dict(), cfg))
+    model.set_modality_table(tok.vocab.modality_table)
+    return tok, model, hf
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="models/20m")
+    ap.add_argument("--text-tokens", type=int, default=128)
+    ap.add_argument("--grid", type=int, default=16, help="image code grid side (16: 256 codes per image)")
+    ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import omni
+    from omni.config.generate import GenerateConfig, SamplingConfig
+
+    tok, model, hf = build(args.recipe, args.grid)
+    greedy = SamplingConfig(temperature=0.0)
+    prompt = "A short story about a red circle and a blue square, told in"
+    ids = tok.encode(prompt)[:16]
+    prompt_doc = tok.decode(ids[1:].tolist())
+    n_block = args.grid * args.grid + 2
+
+    def omni_text():
+        return omni.generate(model, tok, prompt_doc, GenerateConfig(
+            max_new_tokens=args.text_tokens, text=greedy, allow_images=False, allow_audio=False))
+
+    def omni_image(scale):
+        return omni.generate(model, tok, prompt_doc, GenerateConfig(
+            max_new_tokens=n_block, allow_text=False, min_images=1, max_images=1, cfg_scale=scale, image=greedy))
+
+    def hf_gen(n, scale=None):
+        with torch.inference_mode():
+            return hf.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               guidance_scale=scale, pad_token_id=0)
+
+    cases = {
+        "text decode": (omni_text, lambda: hf_gen(args.text_tokens), args.text_tokens),
+        "image block": (lambda: omni_image(1.0), lambda: hf_gen(n_block), n_block),
+        f"image block, CFG {args.cfg_scale:g}": (lambda: omni_image(args.cfg_scale),
+                                                 lambda: hf_gen(n_block, args.cfg_scale), n_block),
+    }
+    for fn_o, fn_h, _ in cases.values():  # warm-up
+        fn_o(), fn_h()
+    times: dict[str, dict[str, list[float]]] = {k: {"omni": [], "hf": []} for k in cases}
+    for _ in range(args.rounds):
+        for name, (fn_o, fn_h, _) in cases.items():
+            for who, fn in (("omni", fn_o), ("hf", fn_h)):
+                t0 = time.perf_counter()
+                fn()
+                times[name][who].append(time.perf_counter() - t0)
+    print(f"{args.recipe}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {tok.vocab.size}, "
+          f"{args.threads} thread(s), median of {args.rounds}")
+    for name, (_, _, n) in cases.items():
+        o, h = statistics.median(times[name]["omni"]), statistics.median(times[name]["hf"])
+        print(f"{name:<22} omni {o:7.3f} s ({n / o:7.1f} tok/s)   transformers {h:7.3f} s ({n / h:7.1f} tok/s)"
+              f"   ratio {h / o:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

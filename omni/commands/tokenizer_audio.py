@@ -1,0 +1,93 @@
+"""`omni tokenizer train audio` and `omni tokenizer eval audio`: the whisper-VQ audio tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    from omni.cli import Formatter
+    from omni.config import help_text
+    from omni.config.audio_tokenizer import AudioTokenizerRecipe
+
+    p = sub.add_parser(
+        "audio",
+        help="train the whisper-VQ audio tokenizer",
+        description="Train the audio tokenizer (whisper log-mel + whisper AudioEncoder + VQ codes, "
+        "with a token-to-mel decoder and Griffin-Lim) on wav/flac/ogg files in folders or WebDataset "
+        ".tar shards, and write a tokenizer folder that `omni tokenizer bundle --audio DIR` takes. "
+        "Empty, silent, corrupt and unsupported files are skipped and counted.",
+        epilog=help_text(AudioTokenizerRecipe)
+        + "\n(keys are relative to the recipe's tokenizer.audio section)\n\nexample:\n  omni tokenizer train audio --data speech/train --out tok/audio "
+        "--config recipes/tokenizers/audio.yaml train.steps=500",
+        formatter_class=Formatter,
+    )
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_SHARDS",
+                   help="folders of audio files, audio files, or WebDataset .tar shards")
+    p.add_argument("--out", required=True, metavar="DIR", help="tokenizer folder to write")
+    p.add_argument("--config", metavar="YAML", help="a recipe to start from (its tokenizer.audio section is used)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
+    p.set_defaults(func=_train)
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    from omni.cli import Formatter
+
+    p = sub.add_parser(
+        "audio",
+        help="evaluate an audio tokenizer on held-out audio",
+        description="Encode and decode every clip of --data and write JSON: mel L1 (and that of an "
+        "untrained decoder on the same codes), codebook usage, tokens per second of audio, envelope "
+        "correlation between input and decoded wave, and encode/decode real-time factors.",
+        formatter_class=Formatter,
+    )
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="audio tokenizer folder or bundle")
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_SHARDS",
+                   help="folders of audio files, audio files, or WebDataset .tar shards")
+    p.add_argument("--out", metavar="FILE", help="write the JSON here as well as to stdout")
+    p.add_argument("--max-clips", type=int, default=200, metavar="N", help="evaluate at most N clips (default 200)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="torch CPU threads (default 2)")
+    p.set_defaults(func=_eval)
+
+
+def _train(args) -> int:
+    from omni.config import load_section
+    from omni.tokenizers.audio_train import train_audio_tokenizer
+
+    recipe = load_section("tokenizer.audio", args.config, list(args.overrides))
+    tok, summary = train_audio_tokenizer(args.data, recipe, out=args.out, progress=not args.quiet)
+    final = summary["final"]
+    print(f"wrote {args.out}: {tok} after {summary['steps']} steps in {summary['train_seconds']} s "
+          f"(train mel L1 {final['mel_l1']:.4f}, batch codebook usage {final['batch_usage']:.2f})")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from omni.errors import OmniError
+    from omni.io import atomic_write_text
+    from omni.tokenizers.audio_train import evaluate_audio_tokenizer
+    from omni.tokenizers.base import load_tokenizer
+
+    if args.max_clips < 1:
+        raise OmniError(f"--max-clips must be >= 1, got {args.max_clips}")
+    if args.threads < 1:
+        raise OmniError(f"--threads must be >= 1, got {args.threads}")
+    tok = load_tokenizer(args.tokenizer, "audio")
+    if not hasattr(tok, "decode_mel"):
+        raise OmniError(f"{args.tokenizer} holds a {tok.kind} tokenizer; `eval audio` measures whisper-vq-audio ones")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        report = evaluate_audio_tokenizer(tok, args.data, max_clips=args.max_clips)
+    finally:
+        torch.set_num_threads(threads)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,68 @@
+"""Generation config: sampling per modality, classifier-free guidance, stopping, prompt handling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omni.config.base import check, check_choice
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token of one modality is drawn."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: no limit)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p (1.0: no limit)."""
+
+    def __post_init__(self) -> None:
+        check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        check(self.top_k >= 0, "top_k", self.top_k, ">= 0")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+
+
+@dataclass
+class GenerateConfig:
+    """`omni generate` / `omni.generate`: what to sample and when to stop."""
+
+    max_new_tokens: int = 256
+    """Stop after this many new tokens (an open image block is never started when it cannot finish)."""
+    max_images: int = 4
+    """Stop a sequence after it has generated this many images."""
+    min_images: int = 0
+    """<eos> is not allowed before this many images were made (while one still fits): 1 for caption-to-image."""
+    max_audio_tokens: int = 250
+    """Longest audio block in codes (10 s at 25 Hz)."""
+    text: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9))
+    """Sampling of text tokens (and specials)."""
+    image: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_k=2000))
+    """Sampling of image codes (Lumina-mGPT and Emu3 use a large top-k)."""
+    audio: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.9, top_k=200))
+    """Sampling of audio codes."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale inside image blocks (1.0: no guidance)."""
+    audio_cfg_scale: float = 1.0
+    """Classifier-free guidance scale inside audio blocks (1.0: no guidance)."""
+    allow_text: bool = True
+    """Allow text tokens in text mode (False: only start media blocks or stop)."""
+    allow_images: bool = True
+    """Allow <boi> (starting an image)."""
+    allow_audio: bool = True
+    """Allow <boa> (starting an audio block)."""
+    prompt_overflow: str = "error"
+    """A prompt longer than the context: 'error', or 'truncate' (keep its last tokens)."""
+    seed: int = 0
+    """Seed of the sampler: the same seed and inputs give the same output."""
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check(self.max_images >= 0, "max_images", self.max_images, ">= 0")
+        check(0 <= self.min_images <= max(self.max_images, 0), "min_images", self.min_images,
+              f"in [0, max_images={self.max_images}]")
+        check(self.max_audio_tokens >= 1, "max_audio_tokens", self.max_audio_tokens, ">= 1")
+        check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, ">= 0")
+        check(self.audio_cfg_scale >= 0, "audio_cfg_scale", self.audio_cfg_scale, ">= 0")
+        check_choice(self.prompt_overflow, "prompt_overflow", ("error", "truncate"))

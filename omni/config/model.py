@@ -1,0 +1,78 @@
+"""Decoder config: the early-fusion transformer of :mod:`omni.model` (Chameleon's recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omni.config.base import check, check_choice
+
+QK_NORMS = ("per_head", "shared", "none")
+QK_NORM_TYPES = ("layernorm", "rmsnorm")
+
+
+@dataclass
+class ModelConfig:
+    """OmniDecoder shape and options; the same fields drive the megatron-core build."""
+
+    vocab_size: int = 640
+    """Rows of the embedding and output head: the unified vocab size, padding included."""
+    dim: int = 64
+    """Hidden size (d_model)."""
+    n_layers: int = 2
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Query heads; head_dim = dim / n_heads."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide n_heads. n_kv_heads = n_heads is MHA."""
+    ffn_dim: int = 172
+    """Inner size of the SwiGLU MLP (gate and up projections each have this many outputs)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorms (block norms and final norm)."""
+    qk_norm: str = "per_head"
+    """QK-norm over head_dim: 'per_head' (a weight per head, Chameleon), 'shared' (one weight for all heads, megatron-core qk_layernorm) or 'none'."""
+    qk_norm_type: str = "layernorm"
+    """QK-norm kind: 'layernorm' (weight and bias, Chameleon) or 'rmsnorm' (weight only)."""
+    qk_norm_eps: float = 1e-5
+    """Epsilon of the QK-norm."""
+    swin_norm: bool = False
+    """Chameleon's norm re-ordering: h = x + norm(attn(x)); out = h + norm(mlp(h)) (the 34B recipe)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    max_seq_len: int = 4096
+    """Longest sequence (training context); used for FLOP counts and the KV cache default."""
+    tie_embeddings: bool = False
+    """Share the output head's weight with the token embedding (Chameleon: untied)."""
+    dropout: float = 0.0
+    """Dropout on the residual branches (attention output and MLP output) during training."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities during training."""
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights; output projections are scaled by 1/sqrt(2*n_layers)."""
+    z_loss: float = 1e-5
+    """Coefficient of the z-loss, z * mean(logsumexp(logits)^2) over the loss tokens (Chameleon: 1e-5); 0 disables it."""
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 1, "vocab_size", self.vocab_size, ">= 1")
+        check(self.dim >= 1, "dim", self.dim, ">= 1")
+        check(self.n_layers >= 1, "n_layers", self.n_layers, ">= 1")
+        check(self.n_heads >= 1 and self.dim % self.n_heads == 0, "n_heads", self.n_heads,
+              f"a positive divisor of dim={self.dim}")
+        check((self.dim // max(self.n_heads, 1)) % 2 == 0, "n_heads", self.n_heads,
+              f"a divisor of dim={self.dim} giving an even head_dim (RoPE rotates pairs)")
+        check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+              f"a positive divisor of n_heads={self.n_heads}")
+        check(self.ffn_dim >= 1, "ffn_dim", self.ffn_dim, ">= 1")
+        check(0 < self.norm_eps < 1, "norm_eps", self.norm_eps, "in (0, 1)")
+        check_choice(self.qk_norm, "qk_norm", QK_NORMS)
+        check_choice(self.qk_norm_type, "qk_norm_type", QK_NORM_TYPES)
+        check(0 < self.qk_norm_eps < 1, "qk_norm_eps", self.qk_norm_eps, "in (0, 1)")
+        check(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
+        check(self.max_seq_len >= 1, "max_seq_len", self.max_seq_len, ">= 1")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        check(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")
+        check(self.init_std > 0, "init_std", self.init_std, "> 0")
+        check(self.z_loss >= 0, "z_loss", self.z_loss, ">= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads

@@ -1,0 +1,114 @@
+"""Training configs: the optimization loop (:class:`TrainConfig`) and how it is spread over processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omni.config.base import check, check_choice
+
+
+@dataclass
+class LossWeights:
+    """Weight of each target token's loss by its modality (special tokens count as text)."""
+
+    text: float = 1.0
+    """Weight of text (and special) targets."""
+    image: float = 1.0
+    """Weight of image-code targets."""
+    audio: float = 1.0
+    """Weight of audio-code targets."""
+
+    def __post_init__(self) -> None:
+        for name in ("text", "image", "audio"):
+            v = getattr(self, name)
+            check(v >= 0, name, v, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: stage, optimizer, schedule, precision, checkpoints and logging."""
+
+    out: str = "runs/omni"
+    """Run folder: checkpoints (step_*/), metrics.jsonl, tensorboard/."""
+    stage: str = "pretrain"
+    """'pretrain' (loss on every token) or 'sft' (no loss on prompt segments)."""
+    steps: int = 1000
+    """Optimizer steps to train."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size * grad_accum * world."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """After warmup: 'cosine' decay to min_lr, 'wsd' (warmup-stable-decay: constant, then linear decay over the last decay_fraction of steps) or 'constant'."""
+    decay_fraction: float = 0.2
+    """Share of steps in the decay phase of 'wsd'."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16' autocast (weights and optimizer state stay fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    """Per-modality weights of the loss."""
+    max_bad_steps: int = 5
+    """Abort after this many non-finite losses or gradients in a row (each one skips its step)."""
+    save_every: int = 500
+    """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; older ones are deleted."""
+    log_every: int = 10
+    """Write metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files to OUT/tensorboard."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device, for the MFU estimate (0: MFU not reported)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.stage, "stage", ("pretrain", "sft"))
+        check_choice(self.schedule, "schedule", ("cosine", "wsd", "constant"))
+        check_choice(self.precision, "precision", ("fp32", "bf16"))
+        check(self.steps >= 1, "steps", self.steps, ">= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
+        check(self.grad_accum >= 1, "grad_accum", self.grad_accum, ">= 1")
+        check(self.lr > 0, "lr", self.lr, "> 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"in [0, lr={self.lr}]")
+        check(0 <= self.warmup_steps <= self.steps, "warmup_steps", self.warmup_steps, f"in [0, steps={self.steps}]")
+        check(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "in (0, 1]")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check(0 <= self.beta1 < 1, "beta1", self.beta1, "in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", self.beta2, "in [0, 1)")
+        check(self.eps > 0, "eps", self.eps, "> 0")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0")
+        check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, ">= 1")
+        check(self.save_every >= 1, "save_every", self.save_every, ">= 1")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, ">= 1")
+        check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        check(self.peak_flops >= 0, "peak_flops", self.peak_flops, ">= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """How the plain-PyTorch backend spreads training over the processes torchrun starts."""
+
+    strategy: str = "ddp"
+    """With more than one process: 'ddp' (replicated weights) or 'fsdp' (FSDP2 fully_shard)."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.strategy, "strategy", ("ddp", "fsdp"))
+        check_choice(self.backend, "backend", ("auto", "gloo", "nccl"))

@@ -1,0 +1,150 @@
+"""Interleaved text / image / audio generation over OmniDecoder with a KV cache.
+
+``generate(model, tok, prompt)`` encodes the prompt(s), prefills one batched KV cache, then
+decodes a token per step for every row: logits -> classifier-free guidance (inside blocks) ->
+the modality state machine -> per-modality sampling. Finished image and audio blocks are
+decoded by the image and audio tokenizers; the result is a :class:`omni.Document` per prompt.
+
+Batching: prompts of different lengths are left-padded; the padding gets document id -1, so no
+prompt token attends to it and positions start at 0 where each prompt starts (the same
+block-diagonal mask as packed training). Greedy decoding of a batch equals decoding each prompt
+alone.
+
+Classifier-free guidance: every prompt gets a second, unconditional row in the same batch, with
+its own cache. Its context is the prompt with every text segment dropped (``<bos>`` and the
+prompt's images/audio, if any), followed by the same tokens the conditional row generates; inside
+image (audio) blocks the logits become ``c + (s - 1)(c - u)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from omni.config.generate import GenerateConfig
+from omni.errors import OmniError
+from omni.generate.processors import (
+    ClassifierFreeGuidance,
+    DecodeState,
+    ModalityConstraint,
+    ModalitySampler,
+)
+from omni.vocab import Document, Text
+
+
+def _unconditional(doc: Document) -> Document:
+    return Document([s for s in doc.segments if not isinstance(s, Text)])
+
+
+def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, L] left-padded with ``pad``, and doc ids [B, L]: -1 on padding, 0 on the prompt."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    doc = torch.full((len(rows), L), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        doc[i, L - len(r):] = 0
+    return ids, doc
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tok,
+    prompt: Document | str | list[Document | str],
+    config: GenerateConfig | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    on_segment: Callable[[int, object], None] | None = None,
+    **overrides,
+) -> Document | list[Document]:
+    """Continue ``prompt`` (one or a list); returns the generated Document(s).
+
+    ``config`` (or keyword overrides such as ``max_new_tokens=64, cfg_scale=3.0``) sets sampling
+    and stopping. ``on_token(row, id)`` is called for every new token, ``on_segment(row, segment)``
+    for every finished image or audio block.
+    """
+    import dataclasses
+
+    config = config or GenerateConfig()
+    if overrides:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerateConfig)}
+        if unknown:
+            raise OmniError(f"unknown generation settings {sorted(unknown)}; valid: "
+                            f"{', '.join(f.name for f in dataclasses.fields(GenerateConfig))}")
+        config = dataclasses.replace(config, **overrides)
+    single = not isinstance(prompt, list)
+    prompts = [prompt] if single else list(prompt)
+    prompts = [Document([Text(p)]) if isinstance(p, str) else p for p in prompts]
+    if not prompts:
+        raise OmniError("generate needs at least one prompt")
+
+    v = tok.vocab
+    max_len = getattr(model.config, "max_seq_len", None) or 1 << 30
+    cond = [tok.encode(p) for p in prompts]
+    for i, ids in enumerate(cond):
+        if len(ids) >= max_len:
+            if config.prompt_overflow == "error":
+                raise OmniError(f"prompt {i} has {len(ids)} tokens; the model's context is {max_len} "
+                                f"(max_seq_len), leaving no room to generate. Shorten it or set "
+                                f"prompt_overflow=truncate")
+            cond[i] = _truncate(ids, max_len // 2, v)
+    guidance = ClassifierFreeGuidance(config.cfg_scale, config.audio_cfg_scale)
+    rows = cond + ([tok.encode(_unconditional(p)) for p in prompts] if guidance.active else [])
+    B = len(prompts)
+    ids, doc = _left_pad(rows, v.special("<pad>"))
+    device = next(model.parameters()).device
+    ids, doc = ids.to(device), doc.to(device)
+    max_new = min(config.max_new_tokens, max_len - ids.shape[1])
+
+    n_image = tok.image.tokens_per_image if tok.image is not None else None
+    state = DecodeState(v, B, max_new, config, n_image)
+    constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None)
+    sampler = ModalitySampler(config, torch.Generator().manual_seed(config.seed))
+
+    cache = model.new_cache()
+    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float()  # prefill: [B or 2B, V]
+    for _ in range(max_new):
+        step_logits = guidance(logits[:B], logits[B:], state) if guidance.active else logits
+        nxt = sampler(constraint(step_logits, state), state)  # [B]
+        done_before = [r.mode == "done" for r in state.rows]
+        closed = state.advance(nxt)
+        for b in range(B):
+            if not done_before[b]:
+                if on_token is not None:
+                    on_token(b, int(nxt[b]))
+                if closed[b] and on_segment is not None:
+                    on_segment(b, _last_block(tok, state.rows[b].tokens))
+        if state.finished:
+            break
+        feed = torch.cat([nxt, nxt]) if guidance.active else nxt  # the unconditional rows follow
+        new_doc = torch.zeros(feed.shape[0], 1, dtype=torch.long, device=device)
+        logits = model(feed[:, None].to(device), doc_ids=new_doc, cache=cache).logits[:, -1].float()
+
+    docs = []
+    for r in state.rows:
+        tokens = [t for t in r.tokens if t != v.special("<eos>")]
+        docs.append(tok.decode(tokens))
+    return docs[0] if single else docs
+
+
+def _truncate(ids: torch.Tensor, keep: int, vocab) -> torch.Tensor:
+    """<bos> + about the last ``keep - 1`` tokens, cut where no image/audio block is split."""
+    import numpy as np
+
+    from omni.data.packing import split_points
+
+    sp = vocab.specials
+    ok = split_points(ids.numpy(), np.array([sp["<boi>"], sp["<boa>"]]), np.array([sp["<eoi>"], sp["<eoa>"]]))
+    start = len(ids) - keep + 1
+    while start < len(ids) and not ok[start]:
+        start += 1
+    return torch.cat([ids[:1], ids[start:]])
+
+
+def _last_block(tok, tokens: list[int]):
+    """The image or audio segment of the block that ``tokens`` just closed."""
+    sp = tok.vocab.specials
+    opener = {sp["<eoi>"]: sp["<boi>"], sp["<eoa>"]: sp["<boa>"]}[tokens[-1]]
+    start = len(tokens) - 1 - tokens[::-1].index(opener)
+    return tok.decode(tokens[start:]).segments[0]

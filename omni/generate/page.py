@@ -1,0 +1,90 @@
+"""Write generated documents as an HTML page and a Markdown file with an assets folder.
+
+``write_page(entries, "out.html")`` writes ``out.html``, ``out.md`` and ``out_assets/`` (PNG
+images, 16-bit WAV audio). Each entry is a prompt Document and its generated Document; every
+segment appears in order: text as paragraphs, images as ``<img class="omni-image">`` in a
+framed box, audio as ``<audio controls>``.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from omni.io import atomic_write_text
+from omni.vocab import Audio, Document, Image, Text
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #111; background: #fff; }
+section { border-top: 1px solid #ddd; padding: 1rem 0; }
+h2 { font-size: 1rem; color: #555; margin: 0.5rem 0; }
+p { white-space: pre-wrap; margin: 0.4rem 0; }
+.omni-image { display: inline-block; width: 160px; height: 160px; border: 6px solid #1f4fd8;
+              margin: 8px; image-rendering: pixelated; object-fit: contain; background: #fff; }
+audio { display: block; margin: 8px 0; }
+"""
+
+
+def _save_image(img: Image, path: Path) -> None:
+    from PIL import Image as PILImage
+
+    a = (img.pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(a).save(path)
+
+
+def _save_audio(aud: Audio, path: Path) -> None:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), aud.wave.clamp(-1, 1).numpy(), aud.sample_rate, subtype="PCM_16")
+
+
+def write_page(entries: list[tuple[Document | None, Document]], out_html: str | os.PathLike,
+               title: str = "omni generations") -> Path:
+    """Write the HTML page, the Markdown twin and the assets; returns the HTML path."""
+    out_html = Path(out_html)
+    assets = out_html.parent / f"{out_html.stem}_assets"
+    body, md = [], [f"# {title}\n"]
+    counter = {"image": 0, "audio": 0}
+
+    def render(doc: Document) -> tuple[list[str], list[str]]:
+        h, m = [], []
+        for seg in doc.segments:
+            if isinstance(seg, Text):
+                h.append(f"<p>{html.escape(seg.text)}</p>")
+                m.append(seg.text)
+            elif isinstance(seg, Image):
+                name = f"image_{counter['image']:03d}.png"
+                counter["image"] += 1
+                _save_image(seg, assets / name)
+                rel = f"{assets.name}/{name}"
+                h.append(f'<img class="omni-image" src="{rel}" alt="generated image {counter["image"]}">')
+                m.append(f"![image {counter['image']}]({rel})")
+            elif isinstance(seg, Audio):
+                name = f"audio_{counter['audio']:03d}.wav"
+                counter["audio"] += 1
+                _save_audio(seg, assets / name)
+                rel = f"{assets.name}/{name}"
+                h.append(f'<audio controls src="{rel}"></audio>')
+                m.append(f"[audio {counter['audio']}]({rel})")
+        return h, m
+
+    for i, (prompt, out) in enumerate(entries):
+        body.append("<section>")
+        md.append(f"## {i + 1}\n")
+        if prompt is not None:
+            ph, pm = render(prompt)
+            body += ["<h2>prompt</h2>", *ph, "<h2>output</h2>"]
+            md += ["**prompt**\n", *[x + "\n" for x in pm], "**output**\n"]
+        oh, om = render(out)
+        body += oh
+        md += [x + "\n" for x in om]
+        body.append("</section>")
+    page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+    atomic_write_text(out_html, page)
+    atomic_write_text(out_html.with_suffix(".md"), "\n".join(md))
+    return out_html

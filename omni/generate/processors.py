@@ -1,0 +1,193 @@
+"""Small composable pieces of decoding: the modality state machine, guidance, and per-modality sampling.
+
+Chameleon (Chameleon Team, 2024) decodes with a finite-state machine: in an image block exactly
+1024 codes, then a forced end-of-image, and no image is started that cannot finish. This module
+does the same for any grid and for audio blocks:
+
+* :class:`DecodeState` tracks each row: text mode, inside an image block (codes so far), inside an
+  audio block, or done; images made; new tokens left.
+* :class:`ModalityConstraint` masks the logits to what the state allows: in text mode text ids,
+  <eos>, and <boi>/<boa> only when the block can still finish; after <boi> exactly N image codes
+  then <eoi>; after <boa> audio codes (at least one) up to a bound, then <eoa>.
+* :class:`ClassifierFreeGuidance` mixes conditional and unconditional logits inside blocks
+  (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022; for autoregressive image tokens:
+  Lumina-mGPT, Emu3, Janus): ``l = c + (s - 1)(c - u)``, which is exactly ``c`` at ``s = 1``.
+* :class:`ModalitySampler` applies temperature, top-k and top-p with the settings of each row's
+  modality, then samples (greedy at temperature 0) from a seeded generator.
+
+Processors take and return logits [B, V]; nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omni.config.generate import GenerateConfig, SamplingConfig
+
+TEXT_MODE, IMAGE_MODE, AUDIO_MODE, DONE = "text", "image", "audio", "done"
+
+
+@dataclass
+class RowState:
+    remaining: int
+    """New tokens this row may still emit, this step's included."""
+    mode: str = TEXT_MODE
+    count: int = 0
+    """Codes emitted in the open block."""
+    images: int = 0
+    """Finished images."""
+    tokens: list[int] = field(default_factory=list)
+    """Emitted ids."""
+
+
+class DecodeState:
+    """Per-row modality state, advanced with every sampled token."""
+
+    def __init__(self, vocab, batch: int, max_new_tokens: int, config: GenerateConfig, image_tokens: int | None):
+        self.vocab, self.config = vocab, config
+        self.image_tokens = image_tokens  # N codes per image block (None: no image tokenizer)
+        self.rows = [RowState(remaining=max_new_tokens) for _ in range(batch)]
+        sp = vocab.specials
+        self.boi, self.eoi, self.boa, self.eoa = sp["<boi>"], sp["<eoi>"], sp["<boa>"], sp["<eoa>"]
+        self.eos, self.pad = sp["<eos>"], sp["<pad>"]
+
+    @property
+    def modes(self) -> list[str]:
+        return [r.mode for r in self.rows]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.mode == DONE for r in self.rows)
+
+    def advance(self, tokens: torch.Tensor) -> list[str | None]:
+        """Take this step's tokens [B]; returns, per row, the block that just closed ('image'/'audio') or None."""
+        closed: list[str | None] = []
+        for r, t in zip(self.rows, tokens.tolist()):
+            closed.append(None)
+            if r.mode == DONE:
+                continue
+            r.tokens.append(t)
+            r.remaining -= 1
+            if r.mode == TEXT_MODE:
+                if t == self.boi:
+                    r.mode, r.count = IMAGE_MODE, 0
+                elif t == self.boa:
+                    r.mode, r.count = AUDIO_MODE, 0
+                elif t == self.eos:
+                    r.mode = DONE
+            elif r.mode == IMAGE_MODE:
+                if t == self.eoi:
+                    r.mode, r.images, closed[-1] = TEXT_MODE, r.images + 1, "image"
+                    if r.images >= self.config.max_images:
+                        r.mode = DONE
+                else:
+                    r.count += 1
+            elif r.mode == AUDIO_MODE:
+                if t == self.eoa:
+                    r.mode, closed[-1] = TEXT_MODE, "audio"
+                else:
+                    r.count += 1
+            if r.remaining <= 0 and r.mode != DONE:
+                r.mode = DONE
+        return closed
+
+
+class ModalityConstraint:
+    """Mask logits [B, V] to the ids each row's state allows (-inf elsewhere)."""
+
+    def __init__(self, vocab, config: GenerateConfig, has_image: bool, has_audio: bool):
+        table = vocab.modality_table
+        from omni.vocab import AUDIO, IMAGE, TEXT
+
+        self.config, self.has_image, self.has_audio = config, has_image, has_audio
+        self.text_ids = table == TEXT
+        self.image_ids = table == IMAGE
+        self.audio_ids = table == AUDIO
+
+    def allowed(self, state: DecodeState, r: RowState) -> torch.Tensor:
+        V = self.text_ids.numel()
+        cfg = self.config
+        if r.mode == IMAGE_MODE:
+            if r.count < state.image_tokens:
+                return self.image_ids
+            return _one_hot(V, state.eoi)
+        if r.mode == AUDIO_MODE:
+            if r.count >= cfg.max_audio_tokens or r.remaining <= 1:
+                return _one_hot(V, state.eoa)  # the block must close now
+            allow = self.audio_ids.clone()
+            allow[state.eoa] = r.count >= 1  # no empty audio block
+            return allow
+        if r.mode == DONE:
+            return _one_hot(V, state.pad)
+        allow = self.text_ids.clone() if cfg.allow_text else torch.zeros(V, dtype=torch.bool)
+        allow[state.eos] = True
+        after = r.remaining - 1  # tokens left once the opener is emitted
+        image_fits = self.has_image and cfg.allow_images and r.images < cfg.max_images and after >= state.image_tokens + 1
+        if image_fits:
+            allow[state.boi] = True  # N codes + <eoi> still fit
+            if r.images < cfg.min_images:
+                allow[state.eos] = False  # an image is still owed
+        if self.has_audio and cfg.allow_audio and after >= 2:
+            allow[state.boa] = True  # at least one code + <eoa> fit
+        return allow
+
+    def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        mask = torch.stack([self.allowed(state, r) for r in state.rows]).to(logits.device)  # [B, V]
+        return logits.masked_fill(~mask, float("-inf"))
+
+
+def _one_hot(V: int, i: int) -> torch.Tensor:
+    m = torch.zeros(V, dtype=torch.bool)
+    m[i] = True
+    return m
+
+
+class ClassifierFreeGuidance:
+    """``c + (s - 1)(c - u)`` per row, with the image or audio scale of the row's mode (text: none)."""
+
+    def __init__(self, image_scale: float, audio_scale: float):
+        self.scales = {IMAGE_MODE: image_scale, AUDIO_MODE: audio_scale}
+
+    @property
+    def active(self) -> bool:
+        return any(s != 1.0 for s in self.scales.values())
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        s = torch.tensor([self.scales.get(m, 1.0) for m in state.modes], dtype=cond.dtype, device=cond.device)
+        return cond + (s - 1.0)[:, None] * (cond - uncond)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top-k ids, then the smallest set reaching probability top_p (HF's rules); [V] -> [V]."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the set already reached top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+class ModalitySampler:
+    """Sample one token per row with the sampling settings of its modality."""
+
+    def __init__(self, config: GenerateConfig, generator: torch.Generator):
+        self.settings = {TEXT_MODE: config.text, IMAGE_MODE: config.image, AUDIO_MODE: config.audio,
+                         DONE: SamplingConfig(temperature=0.0)}
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        for b, mode in enumerate(state.modes):
+            s = self.settings[mode]
+            row = logits[b].float()
+            if s.temperature == 0:
+                out[b] = int(row.argmax())
+                continue
+            row = apply_top_k_top_p(row / s.temperature, s.top_k, s.top_p)
+            out[b] = int(torch.multinomial(row.softmax(-1), 1, generator=self.generator))
+        return out

@@ -1,0 +1,334 @@
+"""The training loop of `omni train` (plain-PyTorch backend).
+
+One process, or many under torchrun (DDP or FSDP2; gloo on CPU, NCCL on GPU). Per step:
+``grad_accum`` micro-batches from the blended stream, the loss normalized by the *global* number
+of scored tokens (so 2 processes with half the micro-batch compute exactly the loss and the
+gradient of 1 process with the whole batch), gradient clipping, AdamW, the learning rate of
+:func:`omni.train.schedule.lr_at`.
+
+A non-finite loss or gradient skips the optimizer step (counted and logged); ``max_bad_steps``
+in a row abort the run. SIGTERM and SIGUSR1 (preemption) finish the current step, save a
+checkpoint and exit cleanly. Checkpoints (omni.train.checkpointing) hold everything needed to
+continue bit for bit: on a CPU, 2N steps in one run equal N steps, a kill, a resume and N more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from omni.config import RunConfig
+from omni.errors import OmniError
+from omni.io import atomic_write_text
+from omni.parallel.dist import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    parallelize,
+)
+from omni.train import checkpointing as ckpt
+from omni.train.schedule import lr_at
+from omni.vocab import MODALITY_NAMES
+
+METRICS = "metrics.jsonl"
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test worker thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class MetricsLog:
+    """JSONL metrics (always) and TensorBoard scalars (optional), written by rank 0 only."""
+
+    def __init__(self, out: Path, tensorboard: bool, resume_step: int, enabled: bool):
+        self.path = out / METRICS
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop what was logged after the checkpoint we resume from
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace("loss_", "loss/"), v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embeddings), none on norms and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -> torch.Tensor:
+    """float [B, T]: which targets count (stage) times the loss weight of their modality."""
+    tc = cfg.train
+    base = batch["loss_mask"] if tc.stage == "sft" else batch["valid_mask"]
+    lw = torch.tensor([tc.loss_weights.text, tc.loss_weights.text, tc.loss_weights.image, tc.loss_weights.audio, 0.0])
+    return base * lw[modality_table[batch["labels"]].long()]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str = "auto", progress: bool = True):
+        from omni.data.packing import build_stream
+        from omni.model import OmniDecoder
+        from omni.vocab import UnifiedTokenizer
+
+        self.cfg, self.progress = cfg, progress
+        self.info: DistInfo = init_distributed(cfg.parallel)
+        self.out = Path(cfg.train.out)
+        if not cfg.data.tokenizer:
+            raise OmniError("data.tokenizer is not set: give the tokenizer bundle the token datasets were made with")
+        self.tok = UnifiedTokenizer.load(cfg.data.tokenizer)
+        if cfg.model.vocab_size != self.tok.vocab.size:
+            # The bundle defines the id space; the model recipe gives only the shape (litgpt does the same).
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tok.vocab.size))
+            self.cfg = cfg
+        self.stream = build_stream(cfg.data, self.tok, self.info.rank, self.info.world)
+        self.modality_table = self.tok.vocab.modality_table
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = OmniDecoder(cfg.model).to(self.info.device)
+        model.set_modality_table(self.modality_table.to(self.info.device))
+        self.model = model
+        self.module = parallelize(model, cfg.parallel, self.info, cfg.train.activation_checkpointing)
+        tc = cfg.train
+        self.opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                     eps=tc.eps, foreach=False)
+        self.step = 0
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+        self.tokens_seen = 0
+        found = ckpt.find_resume(self.out, resume)
+        if found is not None:
+            self._restore(found)
+        self.resumed_from = found
+        self.log = MetricsLog(self.out, tc.tensorboard, self.step, self.info.is_main)
+
+    # --- state ---------------------------------------------------------------------------
+    def _full_states(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.module, options=opts),
+                get_optimizer_state_dict(self.module, self.opt, options=opts))
+
+    def _restore(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model_state, optim_state, state, rng = ckpt.load_train_checkpoint(path)
+        if state.get("world") != self.info.world or state.get("micro_batch_size") != self.cfg.train.micro_batch_size:
+            raise OmniError(f"cannot resume {path}: it was saved with world={state.get('world')}, "
+                            f"micro_batch_size={state.get('micro_batch_size')}; this run has world={self.info.world}, "
+                            f"micro_batch_size={self.cfg.train.micro_batch_size}")
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.module, model_state, options=opts)
+        set_optimizer_state_dict(self.module, self.opt, optim_state, options=opts)
+        self.stream.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.bad_in_row, self.skipped_steps = state["bad_in_row"], state["skipped_steps"]
+        self.tokens_seen = state["tokens_seen"]
+        ckpt.set_rng_state(state["rng"], rng)
+
+    def save(self) -> Path | None:
+        model_state, optim_state = self._full_states()  # collective under FSDP: every rank calls it
+        path = None
+        if self.info.is_main:
+            trainer_state = {"data": self.stream.state_dict(), "bad_in_row": self.bad_in_row,
+                             "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+                             "world": self.info.world, "micro_batch_size": self.cfg.train.micro_batch_size}
+            path = ckpt.save_train_checkpoint(self.out, self.step, model_state, optim_state, self.cfg.model,
+                                              self.tok, self.cfg, trainer_state)
+            ckpt.prune(self.out, self.cfg.train.keep_last)
+        barrier()
+        return path
+
+    # --- one optimizer step --------------------------------------------------------------
+    def _sync_context(self, last: bool):
+        if last or not self.info.distributed:
+            return contextlib.nullcontext()
+        if hasattr(self.module, "no_sync"):  # DDP: accumulate locally, all-reduce on the last micro-batch
+            return self.module.no_sync()
+        self.module.set_requires_gradient_sync(False)  # FSDP2
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        cfg, tc, dev = self.cfg, self.cfg.train, self.info.device
+        lr = lr_at(self.step, tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        batches = [self.stream.next_batch(tc.micro_batch_size) for _ in range(tc.grad_accum)]
+        weights = [_target_weights(b, cfg, self.modality_table).to(dev) for b in batches]
+        # Normalize by the scored-token weight of the whole global batch: exact equivalence to one
+        # process with the whole batch, whatever the split over ranks and micro-batches.
+        global_denom = all_reduce_sum(torch.stack([w.sum() for w in weights]).sum().double()).clamp_min(1.0)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tc.precision == "bf16"
+                    else contextlib.nullcontext())
+        # sums for logging: [total, ce, z, then ce and count per modality]
+        sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
+        for i, (b, w) in enumerate(zip(batches, weights)):
+            last = i == len(batches) - 1
+            if last and hasattr(self.module, "set_requires_gradient_sync"):
+                self.module.set_requires_gradient_sync(True)
+            with self._sync_context(last), autocast:
+                out = self.module(b["input_ids"].to(dev), labels=b["labels"].to(dev), loss_mask=w,
+                                  doc_ids=b["doc_ids"].to(dev), position_ids=b["position_ids"].to(dev))
+                local = w.sum().clamp_min(1.0)  # the model's loss is a mean over this micro-batch
+                loss = out.loss * (local / global_denom).float() * self.info.world
+            loss.backward()
+            with torch.no_grad():
+                sums[0] += float(out.loss.detach()) * float(local)
+                sums[1] += float(out.ce_loss.detach()) * float(local)
+                sums[2] += float(out.z_loss.detach()) * float(local)
+                for name, mean in out.loss_by_modality.items():
+                    k = MODALITY_NAMES.index(name)
+                    n = out.tokens_by_modality[name]
+                    sums[3 + 2 * k] += float(mean) * n
+                    sums[4 + 2 * k] += n
+        all_reduce_sum(sums)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss_value = sums[0] / float(global_denom)
+        bad = torch.tensor([0.0 if (torch.isfinite(loss_value) and torch.isfinite(grad_norm)) else 1.0])
+        bad = bool(all_reduce_max(bad).item())
+        if bad:
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            self.skipped_steps += 1
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_in_row = 0
+        self.step += 1
+        seq_len = batches[0]["input_ids"].shape[1]
+        n_tokens = tc.micro_batch_size * tc.grad_accum * seq_len * self.info.world
+        self.tokens_seen += n_tokens
+        row = {"step": self.step, "loss": float(loss_value), "ce": float(sums[1] / float(global_denom)),
+               "z": float(sums[2] / float(global_denom)), "lr": lr, "grad_norm": float(grad_norm),
+               "skipped": bool(bad), "skipped_steps": self.skipped_steps, "tokens": n_tokens}
+        weights_by_mod = {"text": tc.loss_weights.text, "special": tc.loss_weights.text,
+                          "image": tc.loss_weights.image, "audio": tc.loss_weights.audio}
+        for k, name in enumerate(MODALITY_NAMES[:4]):
+            n = float(sums[4 + 2 * k])
+            if n and weights_by_mod[name] > 0:  # the model's per-modality mean carries the weight: undo it
+                row[f"loss_{name}"] = float(sums[3 + 2 * k]) / n / weights_by_mod[name]
+        return row
+
+    # --- the run -------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        from omni.model import flops_per_token
+
+        tc = self.cfg.train
+        if self.info.is_main:
+            from omni.config import save_config
+
+            save_config(self.cfg, self.out / "run.yaml")
+        bar = tqdm(total=tc.steps, initial=self.step, unit="step", desc="train", disable=not (self.progress and self.info.is_main))
+        last_saved = self.step if self.resumed_from is not None else -1
+        stopped_by = None
+        fpt = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+        with _StopFlag() as stop:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                row["tokens_per_s"] = row["tokens"] / dt
+                if tc.peak_flops:
+                    row["mfu"] = fpt * row["tokens_per_s"] / (tc.peak_flops * self.info.world)
+                if self.bad_in_row >= tc.max_bad_steps:
+                    self.log.write(row)
+                    raise OmniError(f"training diverged: {self.bad_in_row} steps in a row had a non-finite loss or "
+                                    f"gradient (last at step {self.step}, loss {row['loss']}, grad norm {row['grad_norm']}); "
+                                    f"lower train.lr or raise train.max_bad_steps")
+                if self.step % tc.log_every == 0 or row["skipped"] or self.step == tc.steps:
+                    self.log.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                flag = torch.tensor([float(stop.signal or 0)])
+                stop_signal = int(all_reduce_max(flag).item())
+                if self.step % tc.save_every == 0 or self.step == tc.steps or stop_signal:
+                    self.save()
+                    last_saved = self.step
+                if stop_signal:
+                    stopped_by = signal.Signals(stop_signal).name
+                    break
+        bar.close()
+        if last_saved != self.step:
+            self.save()
+        self.log.close()
+        if stopped_by and self.info.is_main:
+            print(f"{stopped_by}: saved {ckpt.step_dir(self.out, self.step)}; rerun the same command to resume",
+                  flush=True)
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "stopped_by": stopped_by,
+                "checkpoint": str(ckpt.step_dir(self.out, self.step))}
+
+
+def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:
+    """Run (or continue) training; returns a summary. Under torchrun, call on every rank."""
+    import torch.distributed as dist
+
+    try:
+        return Trainer(cfg, resume, progress).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,294 @@
+"""Data pipeline: real shards -> preprocess (2 workers) -> packed sequences -> un-packed documents."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from omni.config.data import DataConfig, PreprocessConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+def _png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(wave: np.ndarray, sr: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _real_samples() -> list[dict]:
+    """Photos with captions, speech with transcripts, plain text, interleaved documents."""
+    import pydoc_data.topics
+
+    from omni.toy.photos import photos
+    from omni.toy.speech import corpus
+
+    pics = [(n, a[::8, ::8].copy()) for n, a in photos("all")[:6]]  # small thumbnails keep it fast
+    utts = corpus(4, "train")
+    speech = [(u.text, *u.synthesize()) for u in utts]
+    texts = [pydoc_data.topics.topics[k][:600] for k in sorted(pydoc_data.topics.topics)[:8]]
+    samples = []
+    for i, (name, a) in enumerate(pics):
+        samples.append({"__key__": f"photo{i:03d}", "png": _png(a), "txt": f"a photo of {name.replace('_', ' ')}".encode()})
+    for i, (text, wave, sr) in enumerate(speech):
+        samples.append({"__key__": f"speech{i:03d}", "wav": _wav(wave, sr), "txt": text.encode()})
+    for i, t in enumerate(texts):
+        samples.append({"__key__": f"text{i:03d}", "txt": t.encode()})
+    for i in range(4):
+        doc = {"segments": [
+            {"text": "Describe the picture, then read the caption aloud.", "prompt": True},
+            {"image": "0.png"},
+            {"text": f"This is {pics[i][0]}."},
+            {"audio": "1.wav"},
+            {"image": "2.png"},
+        ]}
+        samples.append({"__key__": f"doc{i:03d}", "json": json.dumps(doc).encode(), "0.png": _png(pics[i][1]),
+                        "1.wav": _wav(speech[i][1], speech[i][2]), "2.png": _png(pics[i + 1][1])})
+    return samples
+
+
+def _write_shards(samples: list[dict], folder: Path, per_shard: int) -> list[Path]:
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, len(samples), per_shard):
+        p = folder / f"part-{s // per_shard:03d}.tar"
+        with wds.TarWriter(str(p)) as w:
+            for sample in samples[s : s + per_shard]:
+                w.write(sample)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def real_samples():
+    return _real_samples()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("bundle")
+    tokenizer.save(d)
+    return d
+
+
+def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, tokenizer, bundle_dir, real_samples):
+    from omni.data.packing import BlendedSequences, DocumentPacker, TokenDataset, split_points, unpack
+    from omni.data.preprocess import encode_sample, preprocess
+    from omni.data.samples import parse_sample
+
+    shards = _write_shards(real_samples, tmp_path / "raw", per_shard=5)
+    summary = preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "tok", workers=2, progress=False)
+    assert summary["manifest"] and summary["processed"] == len(shards)
+
+    ds = TokenDataset(tmp_path / "tok", tokenizer)
+    assert len(ds) == len(real_samples)
+    totals = ds.manifest["totals"]
+    assert totals["skipped"] == {} and totals["documents"] == len(real_samples)
+    assert totals["tokens"]["image"] == (6 + 4 * 2) * 16  # 14 images of 4x4 codes
+    assert totals["tokens"]["audio"] > 0 and totals["tokens"]["text"] > 0
+
+    # The stored documents are exactly what tokenizing each sample in-process gives, in shard order.
+    cfg = PreprocessConfig()
+    expected = []
+    for s in real_samples:
+        ids, mask = encode_sample(tokenizer, parse_sample(s, cfg.pair_order, cfg.seed), cfg)
+        expected.append((ids, mask))
+    for i, (ids, mask) in enumerate(expected):
+        got_ids, got_mask = ds.document(i)
+        assert np.array_equal(got_ids, ids) and np.array_equal(got_mask, mask), i
+    # prompt segments carry no loss
+    doc_ids, doc_mask = ds.document(len(real_samples) - 1)
+    n_prompt = len(tokenizer.encode_text("Describe the picture, then read the caption aloud."))
+    assert doc_mask[1 : 1 + n_prompt].sum() == 0 and doc_mask[1 + n_prompt :].all()
+
+    # Pack one full epoch with sequences shorter than most documents, then un-pack.
+    seq_len = 128
+    packer = DocumentPacker(ds, seq_len, seed=3, vocab=tokenizer.vocab)
+    stream = BlendedSequences([packer])
+    seqs = []
+    while packer.epoch == 0:
+        seqs.append(next(stream))
+    docs = {k: v for k, v in unpack(seqs).items() if k[1] == 0}  # epoch 0 (the last sequence may start epoch 1)
+    assert sorted(docs) == [(0, 0, i) for i in range(len(ds))]
+    for (_, _, i), toks in docs.items():
+        assert np.array_equal(toks, ds.document(i)[0]), f"document {i} differs after packing"
+    v = tokenizer.vocab
+    opens = np.array([v.specials["<boi>"], v.specials["<boa>"]])
+    closes = np.array([v.specials["<eoi>"], v.specials["<eoa>"]])
+    n_split = 0
+    for s in seqs:
+        assert s.input_ids.shape == (seq_len,) and np.array_equal(s.input_ids[1:], s.labels[:-1])
+        for _, _, doc, start, length in s.spans:
+            full = ds.document(doc)[0]
+            ok = split_points(full, opens, closes)
+            assert ok[start] and ok[start + length], "a document was split inside an image/audio block"
+            n_split += start > 0
+        # positions restart per piece; loss never crosses a piece boundary
+        for k in range(1, seq_len):
+            if s.doc_ids[k] != s.doc_ids[k - 1]:
+                assert s.position_ids[k] == 0 and s.loss_mask[k - 1] == 0
+    assert n_split > 0  # the test did exercise splitting
+
+
+def test_stream_is_deterministic_resumable_and_rank_sharded(tmp_path, tokenizer, bundle_dir, real_samples):
+    from omni.data.packing import build_stream
+    from omni.data.preprocess import preprocess
+
+    half = len(real_samples) // 2
+    for name, part in (("a", real_samples[:half]), ("b", real_samples[half:])):
+        _write_shards(part, tmp_path / f"raw_{name}", per_shard=8)
+        preprocess([str(tmp_path / f"raw_{name}")], bundle_dir, tmp_path / name, progress=False)
+    cfg = DataConfig(paths=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[3, 1], seq_len=160, seed=7)
+
+    def take(stream, n):
+        return [next(stream) for _ in range(n)]
+
+    ref = take(build_stream(cfg, tokenizer), 24)
+    again = take(build_stream(cfg, tokenizer), 24)
+    assert all(np.array_equal(x.input_ids, y.input_ids) and x.spans == y.spans for x, y in zip(ref, again))
+    assert [s.spans[0][0] for s in ref].count(0) == 18  # weights 3:1 over 24 sequences
+
+    s = build_stream(cfg, tokenizer)
+    take(s, 10)
+    state = json.loads(json.dumps(s.state_dict()))  # survives a JSON round trip (checkpoints)
+    resumed = build_stream(cfg, tokenizer)
+    resumed.load_state_dict(state)
+    assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(take(resumed, 14), ref[10:]))
+
+    r0, r1 = build_stream(cfg, tokenizer, rank=0, world=2), build_stream(cfg, tokenizer, rank=1, world=2)
+    assert [x.spans for x in take(r0, 12)] == [x.spans for x in ref[0::2]]
+    assert [x.spans for x in take(r1, 12)] == [x.spans for x in ref[1::2]]
+
+    batch = build_stream(cfg, tokenizer).next_batch(4)
+    assert batch["input_ids"].shape == (4, 160) and batch["loss_mask"].dtype.is_floating_point
+
+
+def test_broken_samples_are_counted_by_reason(tmp_path, bundle_dir, real_samples):
+    good = real_samples * 2  # 44 good samples
+    pic = good[0]["png"]
+    broken = [
+        {"__key__": "bad_img", "png": pic[: len(pic) // 2], "txt": "truncated png"},
+        {"__key__": "bad_img2", "jpg": b"definitely not a jpeg", "txt": "garbage"},
+        {"__key__": "bad_wav", "wav": b"RIFF\x00\x00garbage", "txt": "undecodable audio"},
+        {"__key__": "bad_json", "json": b"{not json", "0.png": pic},
+        {"__key__": "missing", "json": json.dumps({"segments": [{"image": "7.png"}]}).encode()},
+    ]
+    broken += [{"__key__": "bad_utf8", "txt": b"\xff\xfe caf\xe9"}]
+    samples = []
+    for i, s in enumerate(good):
+        samples.append({**s, "__key__": f"{s['__key__']}_{i}"})
+        if i % 8 == 7 and broken:
+            samples.append(broken.pop())
+    samples += broken
+    assert len(samples) == 50  # 6 of 50 broken (12%)
+    _write_shards(samples, tmp_path / "raw", per_shard=10)
+    rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
+                           "--out", tmp_path / "tok", "--quiet")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["totals"]["skipped"] == {"bad_json": 1, "bad_text": 1, "corrupt_audio": 1,
+                                             "corrupt_image": 2, "missing_member": 1}
+    assert manifest["totals"]["documents"] == 44 and manifest["totals"]["samples"] == 50
+    logged = [row for n in sorted((tmp_path / "tok" / "shards").glob("*.json"))
+              for row in json.loads(n.read_text())["skipped_samples"]]
+    assert sorted(k for k, _, _ in logged) == ["bad_img", "bad_img2", "bad_json", "bad_utf8", "bad_wav", "missing"]
+
+
+def test_truncated_shard_keeps_what_was_read(tmp_path, bundle_dir, real_samples):
+    from omni.data.preprocess import preprocess
+
+    (p,) = _write_shards(real_samples[:10], tmp_path / "raw", per_shard=10)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    preprocess([str(p)], bundle_dir, tmp_path / "tok", progress=False)
+    m = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert m["totals"]["skipped"] == {"corrupt_shard": 1}
+    assert 0 < m["totals"]["documents"] < 10
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, real_samples):
+    _write_shards(real_samples * 3, tmp_path / "raw", per_shard=3)  # 22 shards
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import doubles; from omni.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    args = ["data", "preprocess", "--input", str(tmp_path / "raw"), "--tokenizer", str(bundle_dir), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "full")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert full.returncode == 0, full.stderr
+
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(shards.glob("*.json")))
+    assert 3 <= done < 22, f"kill landed at {done} shards: not midway"
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    rerun = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "killed")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{done} already done" in rerun.stdout
+    assert _tree(tmp_path / "killed") == _tree(tmp_path / "full")
+
+
+def test_bad_preprocess_inputs(tmp_path, bundle_dir, real_samples, text_tokenizer):
+    import omni
+
+    _write_shards(real_samples[:2], tmp_path / "raw", per_shard=2)
+    (tmp_path / "notatar.txt").write_text("x")
+    cases = [
+        (["--input", tmp_path / "none*.tar", "--tokenizer", bundle_dir], "no shard matches"),
+        (["--input", tmp_path / "notatar.txt", "--tokenizer", bundle_dir], "not a tar shard"),
+        (["--input", tmp_path / "raw", "--tokenizer", tmp_path], "vocab.json is missing"),
+        (["--input", tmp_path / "raw", "--tokenizer", bundle_dir, "--rank", "2", "--world", "2"], "0 <= rank < world"),
+        (["--input", tmp_path / "raw", "--tokenizer", bundle_dir, "pair_order=sideways"], "'media_first', 'text_first', 'random'"),
+    ]
+    for extra, needle in cases:
+        rc, out, err = run_cli("data", "preprocess", *extra, "--out", tmp_path / "o", "--quiet")
+        assert rc == 2 and needle in err and "Traceback" not in err, (extra, err)
+    # a dataset made with one bundle is refused under another
+    from omni.data.packing import TokenDataset
+    from omni.data.preprocess import preprocess
+
+    preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "tok", progress=False)
+    other = omni.UnifiedTokenizer.build(text_tokenizer)
+    with pytest.raises(omni.vocab.VocabMismatchError, match="token dataset"):
+        TokenDataset(tmp_path / "tok", other)
+    # resuming into a folder started with other options is refused
+    rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
+                           "--out", tmp_path / "tok", "--quiet", "pair_order=text_first")
+    assert rc == 2 and "other config" in err
+    # seq_len shorter than an image block
+    with pytest.raises(omni.OmniError, match="blocks are never split"):
+        from omni.data.packing import build_stream
+
+        build_stream(DataConfig(paths=[str(tmp_path / "tok")], seq_len=8), omni.UnifiedTokenizer.load(bundle_dir))

@@ -1,0 +1,197 @@
+"""Generation: the modality state machine, CFG, batching, streaming, pages, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import omni
+from conftest import run_cli
+from omni.config.generate import GenerateConfig, SamplingConfig
+from omni.vocab import AUDIO, IMAGE
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def _model(cfg, seed: int):
+    torch.manual_seed(seed)
+    return omni.OmniDecoder(cfg).eval()
+
+
+def _blocks(ids: list[int], tok) -> tuple[list[list[int]], list[list[int]]]:
+    """(image blocks, audio blocks) of a generated id list: the ids between each opener and closer."""
+    sp = tok.vocab.specials
+    images, audios, cur, kind = [], [], None, None
+    for t in ids:
+        if t in (sp["<boi>"], sp["<boa>"]):
+            assert cur is None, "a block opened inside a block"
+            cur, kind = [], "image" if t == sp["<boi>"] else "audio"
+        elif t in (sp["<eoi>"], sp["<eoa>"]):
+            assert cur is not None and kind == ("image" if t == sp["<eoi>"] else "audio")
+            (images if kind == "image" else audios).append(cur)
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    assert cur is None, "a block was left open"
+    return images, audios
+
+
+def test_every_image_block_has_exactly_n_codes(tokenizer, tiny_model_config):
+    n = tokenizer.image.tokens_per_image
+    mod = tokenizer.vocab.modality_table
+    seen_images = 0
+    for model_seed in range(3):
+        model = _model(tiny_model_config, model_seed)
+        for seed in range(2):
+            for allow_text, budget in ((False, 60), (True, 60), (False, n + 2), (False, n + 1)):
+                ids: list[int] = []
+                cfg = GenerateConfig(max_new_tokens=budget, allow_text=allow_text, max_audio_tokens=6, seed=seed,
+                                     max_images=2)
+                doc = omni.generate(model, tokenizer, "draw", cfg, on_token=lambda b, t, ids=ids: ids.append(t))
+                assert len(ids) <= budget
+                images, audios = _blocks(ids, tokenizer)
+                assert all(len(b) == n and bool((mod[b] == IMAGE).all()) for b in images)
+                assert all(1 <= len(b) <= 6 and bool((mod[b] == AUDIO).all()) for b in audios)
+                assert len(doc.images) == len(images) <= 2
+                if budget == n + 1:
+                    assert images == []  # <boi> + N codes + <eoi> cannot fit in N+1 tokens
+                seen_images += len(images)
+    assert seen_images > 10  # the constraint was exercised, not vacuous
+
+
+def test_cfg_at_scale_one_equals_no_cfg_and_guidance_changes_images(tokenizer, tiny_model_config):
+    model = _model(tiny_model_config, 1)
+    base = dict(max_new_tokens=40, allow_text=False, allow_audio=False, min_images=2, max_images=2, seed=7)
+    plain = omni.generate(model, tokenizer, "a red circle", GenerateConfig(**base))
+    # audio guidance on makes the unconditional rows run; image guidance at 1.0 must change nothing
+    same = omni.generate(model, tokenizer, "a red circle", GenerateConfig(**base, cfg_scale=1.0, audio_cfg_scale=3.0))
+    assert len(plain.images) == len(same.images) == 2  # min_images forces them
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(plain.images, same.images))
+    guided = omni.generate(model, tokenizer, "a red circle", GenerateConfig(**base, cfg_scale=4.0))
+    assert any(not torch.equal(a.pixels, b.pixels) for a, b in zip(plain.images, guided.images))
+
+
+def test_batched_greedy_equals_one_by_one(tokenizer, tiny_model_config):
+    model = _model(tiny_model_config, 2)
+    cfg = GenerateConfig(max_new_tokens=30, text=GREEDY, image=GREEDY, audio=GREEDY, max_audio_tokens=5)
+    prompts = ["a", "a much longer prompt about a blue square and a red circle", "draw <boi> please"]
+    alone = [omni.generate(model, tokenizer, p, cfg) for p in prompts]
+    batched = omni.generate(model, tokenizer, prompts, cfg)
+    for a, b in zip(alone, batched):
+        assert tokenizer.encode(a).tolist() == tokenizer.encode(b).tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_streams_segments(tokenizer, tiny_model_config):
+    model = _model(tiny_model_config, 3)
+    cfg = GenerateConfig(max_new_tokens=50, allow_text=False, seed=11, max_audio_tokens=4)
+    segments = []
+    a = omni.generate(model, tokenizer, "x", cfg, on_segment=lambda b, s: segments.append(s))
+    b = omni.generate(model, tokenizer, "x", cfg)
+    assert tokenizer.encode(a).tolist() == tokenizer.encode(b).tolist()
+    assert [type(s).__name__ for s in segments] == [type(s).__name__ for s in a.segments if not isinstance(s, omni.Text)]
+    assert segments
+
+
+def test_prompt_overflow(tokenizer, tiny_model_config):
+    model = _model(tiny_model_config, 0)
+    long = "word " * 400
+    with pytest.raises(omni.OmniError, match="max_seq_len"):
+        omni.generate(model, tokenizer, long, max_new_tokens=4)
+    out = omni.generate(model, tokenizer, long, max_new_tokens=4, prompt_overflow="truncate")
+    assert isinstance(out, omni.Document)
+    with pytest.raises(omni.OmniError, match="unknown generation settings"):
+        omni.generate(model, tokenizer, "x", max_new_tokenz=4)
+
+
+def _page(tmp_path: Path, tokenizer, n_images: int) -> Path:
+    from omni.generate.page import write_page
+
+    g = torch.Generator().manual_seed(0)
+    imgs = [omni.Image(tokenizer.image.decode(torch.randint(0, 64, (1, 4, 4), generator=g))[0]) for _ in range(n_images)]
+    out = omni.Document([omni.Text("here:"), *imgs[:2], omni.Text("and"), *imgs[2:],
+                         omni.Audio(torch.sin(torch.arange(8000) / 5.0) * 0.3, 8000)])
+    return write_page([(omni.Document([omni.Text("draw shapes")]), out)], tmp_path / "out.html")
+
+
+def test_page_files(tmp_path, tokenizer):
+    page = _page(tmp_path, tokenizer, 3)
+    html = page.read_text()
+    assert html.count('class="omni-image"') == 3 and html.count("<audio controls") == 1
+    assert sorted(p.name for p in (tmp_path / "out_assets").iterdir()) == [
+        "audio_000.wav", "image_000.png", "image_001.png", "image_002.png"]
+    md = (tmp_path / "out.md").read_text()
+    assert md.count("![image") == 3 and "draw shapes" in md
+
+
+@pytest.mark.slow
+def test_page_shows_every_image_in_chromium(tmp_path, tokenizer):
+    """Headless Chromium (Debian's, installed by `make test`) renders the page; count the image frames."""
+    from PIL import Image as PILImage
+    from scipy import ndimage
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    for n in (1, 3, 5):
+        d = tmp_path / f"n{n}"
+        page = _page(d, tokenizer, n)
+        shot = d / "shot.png"
+        r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={d / 'profile'}", "--hide-scrollbars", "--window-size=1200,900",
+                            f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), r.stderr[-2000:]
+        a = np.asarray(PILImage.open(shot).convert("RGB")).astype(int)
+        frame = (abs(a[..., 0] - 0x1F) < 8) & (abs(a[..., 1] - 0x4F) < 8) & (abs(a[..., 2] - 0xD8) < 8)
+        labels, count = ndimage.label(frame)
+        sizes = ndimage.sum(frame, labels, range(1, count + 1))
+        frames = int((np.asarray(sizes) > 1000).sum())  # a 6px frame around 160px is ~4000 pixels
+        assert frames == n, f"screenshot shows {frames} image frames, the document holds {n}"
+        # and the images loaded: the inside of each frame is not blank white
+        for k in range(1, count + 1):
+            if sizes[k - 1] > 1000:
+                ys, xs = np.nonzero(labels == k)
+                inner = a[ys.min() + 8 : ys.max() - 8, xs.min() + 8 : xs.max() - 8]
+                assert inner.std() > 1.0
+
+
+def test_cli_generate_and_bad_input(tmp_path, tokenizer, tiny_model_config):
+    from PIL import Image as PILImage
+
+    from omni.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", _model(tiny_model_config, 0), tokenizer=tokenizer)
+    PILImage.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img.png")
+    rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", "--prompt", "draw", "--image",
+                           tmp_path / "img.png", "--out", tmp_path / "one.html", "max_new_tokens=40", "allow_text=false")
+    assert rc == 0, err
+    assert (tmp_path / "one.html").is_file() and (tmp_path / "one.md").is_file()
+    batch = tmp_path / "p.jsonl"
+    batch.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "image": "img.png"}) + "\n")
+    rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", "--batch", batch, "--out",
+                           tmp_path / "many.html", "max_new_tokens=20")
+    assert rc == 0 and "2 document(s)" in out, err
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "colour": 1}\n')
+    (tmp_path / "notimg.png").write_text("text")
+    (tmp_path / "x.mp3").write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00")
+    cases = [
+        (["--prompt", "word " * 400], "max_seq_len"),
+        (["--prompt", "a", "--image", tmp_path / "missing.png"], "image file not found"),
+        (["--prompt", "a", "--image", tmp_path / "notimg.png"], "cannot read image"),
+        (["--prompt", "a", "--audio", tmp_path / "x.mp3"], "cannot read audio"),
+        (["--batch", tmp_path / "bad.jsonl"], "bad.jsonl:1: unknown keys ['colour']"),
+        (["--batch", tmp_path / "none.jsonl"], "batch file not found"),
+        ([], "nothing to continue"),
+        (["--prompt", "a", "cfg_scale=-1"], "cfg_scale=-1"),
+    ]
+    for extra, needle in cases:
+        rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", *extra, "--out", tmp_path / "x.html")
+        assert rc == 2 and needle in err and "Traceback" not in err, (extra, err)
+    rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "nockpt", "--prompt", "a", "--out", tmp_path / "x.html")
+    assert rc == 2 and "checkpoint directory not found" in err

@@ -1,0 +1,315 @@
+"""The VQ image tokenizer: interface, quantizers, save/load, training on real photos, eval, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from conftest import run_cli
+from omni.config import load_config
+from omni.config.image_tokenizer import ImageTokenizerConfig, ImageTrainConfig
+from omni.errors import ConfigError, OmniError
+
+TINY = dict(image_size=32, base_channels=8, channel_multiplier=[1, 2, 2, 2], norm_groups=4,
+            latent_channels=16, embed_dim=8, codebook_size=64, fsq_levels=[4, 4, 4])
+"""32 px -> 4x4 codes (8x downsampling), tiny channels: milliseconds per image."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine a second thread mostly waits at barriers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> ImageTokenizerConfig:
+    return ImageTokenizerConfig(**{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def crops():
+    from omni.toy.photos import photos, random_crops
+
+    return random_crops(photos("heldout"), 8, 32, seed=0)  # real photo crops [8,3,32,32]
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fsq", "lfq", "nearest"])
+def test_encode_decode_shapes_determinism_and_save_load(quantizer, crops, tmp_path):
+    from omni.tokenizers.base import load_tokenizer, save_tokenizer
+    from omni.tokenizers.image import VQImageTokenizer
+
+    tok = VQImageTokenizer(tiny(quantizer=quantizer))
+    with torch.no_grad():
+        tok(crops)  # one training pass (vq: k-means init and EMA update) so the state is not the initial one
+    tok.eval()
+    with torch.no_grad():
+        codes = tok.encode(crops)
+        assert codes.shape == (8, 4, 4) and codes.dtype == torch.long
+        assert tok.grid == (4, 4) and tok.tokens_per_image == 16
+        assert 0 <= int(codes.min()) and int(codes.max()) < tok.codebook_size
+        out = tok.decode(codes)
+        assert out.shape == (8, 3, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1
+        assert torch.equal(tok.decode(tok.encode(crops)), out)  # deterministic in eval mode
+    save_tokenizer(tok, tmp_path / "img")
+    back = load_tokenizer(tmp_path / "img", "image")
+    assert type(back) is VQImageTokenizer and not back.training
+    with torch.no_grad():
+        assert torch.equal(back.encode(crops), codes)
+        assert torch.equal(back.decode(codes), out)
+    assert back.fingerprint() == tok.fingerprint()
+
+
+def test_codebook_sizes_and_config_errors():
+    from omni.tokenizers.image import VQImageTokenizer
+
+    assert VQImageTokenizer(tiny(quantizer="fsq", fsq_levels=[8, 5, 5, 5])).codebook_size == 1000
+    assert ImageTokenizerConfig(channel_multiplier=[1, 1, 2, 2, 4], image_size=256).downsample == 16
+    with pytest.raises(ConfigError, match=r"quantizer='kmeans' is invalid: expected one of 'vq', 'fsq'"):
+        ImageTokenizerConfig(quantizer="kmeans")
+    with pytest.raises(ConfigError, match="codebook_size=1000 is invalid: expected a power of 2"):
+        ImageTokenizerConfig(quantizer="lfq", codebook_size=1000)
+    with pytest.raises(ConfigError, match="image_size=60 is invalid: expected a positive multiple of the downsample factor 8"):
+        ImageTokenizerConfig(image_size=60)
+    with pytest.raises(ConfigError, match="model.norm_groups=5"):
+        load_config(ImageTrainConfig, overrides=["model.norm_groups=5"])
+    with pytest.raises(ConfigError, match="perceptual_weights"):
+        ImageTrainConfig(perceptual_weight=1.0)
+
+
+def test_wrong_input_shapes_and_codes_are_refused(crops):
+    from omni.tokenizers.image import VQImageTokenizer
+
+    tok = VQImageTokenizer(tiny()).eval()
+    with pytest.raises(OmniError, match=r"encode expects images \[B,3,32,32\]"):
+        tok.encode(torch.rand(1, 3, 40, 32))
+    with pytest.raises(OmniError, match=r"codes must lie in \[0, 64\)"):
+        tok.decode(torch.full((1, 4, 4), 64))
+    with pytest.raises(OmniError, match=r"decode expects codes \[B,4,4\]"):
+        tok.decode(torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_unified_tokenizer_fixed_codes_per_image_any_size_and_mode(text_tokenizer):
+    """Other sizes/aspect ratios go through ImageTokenizer.preprocess; gray, RGBA, palette are converted."""
+    from PIL import Image as PILImage
+
+    from omni.tokenizers.image import VQImageTokenizer
+    from omni.vocab import Document, Image, Text, UnifiedTokenizer
+
+    tok = VQImageTokenizer(tiny()).eval()
+    bundle = UnifiedTokenizer.build(text_tokenizer, tok)
+    gray = PILImage.fromarray((torch.rand(50, 90) * 255).byte().numpy(), mode="L")
+    rgba = PILImage.new("RGBA", (20, 70), (10, 200, 30, 128))
+    palette = PILImage.new("RGB", (33, 33), (5, 5, 250)).convert("P")
+    for img in (gray, rgba, palette, torch.rand(3, 32, 32)):
+        ids = bundle.encode(Document([Text("a"), Image(img)]))
+        n_image = int((bundle.modality(ids) == 2).sum())
+        assert n_image == 16
+    doc = bundle.decode(bundle.encode(Document([Image(gray)])))
+    assert doc.images[0].pixels.shape == (3, 32, 32)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_dir(tmp_path_factory):
+    """Real photos as PNG files, plus every kind of bad input, and a WebDataset shard."""
+    from PIL import Image as PILImage
+
+    from omni.toy.photos import export, photo
+
+    d = tmp_path_factory.mktemp("messy")
+    export(d / "photos", "heldout")  # 4 real photos
+    arr = photo("astronaut")
+    PILImage.fromarray(arr).convert("L").save(d / "gray.png")
+    PILImage.fromarray(arr).convert("RGBA").save(d / "rgba.png")
+    PILImage.fromarray(arr).convert("P").save(d / "palette.png")
+    (d / "notes.txt").write_text("not an image")
+    (d / "fake.jpg").write_bytes(b"this is not a jpeg")
+    good = _png(PILImage.fromarray(arr))
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])
+    PILImage.fromarray(arr[:8, :8]).save(d / "tiny.png")
+    with tarfile.open(d / "shard-000.tar", "w") as tar:
+        for name, data in (("0001.jpg", _png(PILImage.fromarray(photo("coins")))), ("0001.txt", b"coins"),
+                           ("0002.png", b"corrupt"), ("0003.png", good)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return d
+
+
+def test_reader_converts_and_counts_bad_input(messy_dir):
+    from omni.tokenizers.image_train import DataReport, iter_images
+
+    report = DataReport()
+    images = list(iter_images(str(messy_dir), report, min_side=16))
+    assert len(images) == 4 + 3 + 2  # photos, gray/rgba/palette, two good shard members
+    assert all(a.shape[2] == 3 and a.dtype.name == "uint8" for _, a in images)
+    assert report.skipped == {"not an image file": 1, "not an image": 2, "corrupt image": 1,
+                              "tiny image (shorter side < 16 px)": 1}
+    assert report.converted["L"] == 1 and report.converted["RGBA"] == 1 and report.converted["P"] == 1
+    rgba = dict(images)[str(messy_dir / "rgba.png")]
+    assert rgba.shape == (512, 512, 3)
+
+
+def test_ssim_matches_scikit_image(crops):
+    from skimage.metrics import structural_similarity
+
+    from omni.tokenizers.image_train import ssim
+
+    x, y = crops[:2], (crops[:2] + 0.1 * torch.randn_like(crops[:2])).clamp(0, 1)
+    ours = ssim(x, y)
+    for i in range(2):
+        ref = structural_similarity(x[i].double().numpy(), y[i].double().numpy(), gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=0)
+        assert abs(float(ours[i]) - ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_short_training_beats_mean_color_baseline_and_uses_the_codebook(tmp_path):
+    """About 30 s on real photo crops: held-out PSNR clearly above the mean-color baseline."""
+    from omni.tokenizers.image import VQImageTokenizer
+    from omni.tokenizers.image_train import DataReport, eval_images, evaluate, train_image_tokenizer
+
+    model = tiny(channel_multiplier=[1, 2, 2], codebook_size=128, norm_groups=0)  # 4x: 8x8 codes of 32 px
+    cfg = ImageTrainConfig(model=model, steps=300, batch_size=8, lr=5e-3, recon_loss="l2",
+                           warmup_steps=10, betas=[0.9, 0.99], eval_every=0, save_every=0, eval_crops_per_image=32,
+                           log_every=50, threads=1)
+    held = eval_images("photos:heldout", 32, 32, 2048, DataReport(), seed=0)
+    torch.manual_seed(cfg.seed)
+    before = evaluate(VQImageTokenizer(cfg.model).eval(), held)
+    tok = train_image_tokenizer("photos:train", tmp_path / "run", cfg, eval_data="photos:heldout", progress=False,
+                                log=lambda s: None)
+    after = json.loads((tmp_path / "run" / "eval.json").read_text())
+    # 300 steps of a tiny model: about +1.5 dB (the few-minute recipe runs reach about +6 dB)
+    assert after["psnr"] > after["psnr_mean_color_baseline"] + 1.0, after
+    assert after["psnr"] > before["psnr"] + 3.0, (before, after)
+    # k-means init and dead-code restarts keep the whole codebook in use on held-out crops
+    assert after["codebook_usage"] >= 0.9 and after["code_perplexity"] > 0.5 * after["codebook_size"], after
+    assert not tok.training
+
+
+def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
+    """Bad files are skipped and counted, never fatal; an existing run resumes; eval writes JSON."""
+    out = tmp_path / "run"
+    common = ["tokenizer", "train", "image", "--data", str(messy_dir), "--out", str(out), "--quiet",
+              *[f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()],
+              "model.quantizer=fsq", "batch_size=4", "eval_every=0", "log_every=1", "eval_max_images=16",
+              "eval_crops_per_image=2"]
+    rc, stdout, stderr = run_cli(*common, "steps=2")
+    assert rc == 0, stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "data" and log[0]["train"]["skipped"]["corrupt image"] == 1
+    assert "skipped" in stdout and "corrupt image" in stdout
+    w2 = (out / "model.safetensors").read_bytes()
+
+    rc, stdout, stderr = run_cli(*common, "steps=4")
+    assert rc == 0, stderr
+    assert "resuming" in stdout and "at step 2" in stdout
+    steps = [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert (out / "model.safetensors").read_bytes() != w2
+
+    rc, stdout, stderr = run_cli("tokenizer", "eval", "image", "--tokenizer", str(out), "--data", str(messy_dir),
+                                 "--crops", "1", "--out", str(tmp_path / "eval.json"))
+    assert rc == 0, stderr
+    m = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("psnr", "ssim", "codebook_usage", "code_perplexity", "encode_images_per_s", "decode_images_per_s",
+                "psnr_mean_color_baseline"):
+        assert key in m
+    assert m["images"] == 10 and m["data"]["skipped"]["corrupt image"] == 1  # the tiny image is upscaled here
+
+    rc, _, stderr = run_cli(*common[:-1], "steps=4", "model.quantizer=vq")
+    assert rc == 2 and "another model config" in stderr
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from omni.tokenizers.image_train import train_image_tokenizer
+
+    def cfg(steps):
+        return ImageTrainConfig(model=tiny(quantizer="fsq"), steps=steps, batch_size=2, eval_every=0,
+                                save_every=0, eval_crops_per_image=1, eval_max_images=2, log_every=1)
+
+    quiet = dict(progress=False, log=lambda s: None)
+    train_image_tokenizer("photos:heldout", tmp_path / "a", cfg(4), **quiet)
+    train_image_tokenizer("photos:heldout", tmp_path / "b", cfg(2), **quiet)
+    train_image_tokenizer("photos:heldout", tmp_path / "b", cfg(4), **quiet)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors_exit_2(tmp_path):
+    rc, _, err = run_cli("tokenizer", "train", "image", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "data not found" in err
+    rc, _, err = run_cli("tokenizer", "train", "image", "--data", "photos:nope", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "photos:train" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    rc, _, err = run_cli("tokenizer", "train", "image", "--data", str(tmp_path / "junk"), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "no readable images" in err and "not an image file" in err
+    rc, _, err = run_cli("tokenizer", "train", "image", "--data", "photos:heldout", "--out", str(tmp_path / "o"),
+                         "model.quantizer=pq")
+    assert rc == 2 and "model.quantizer='pq' is invalid" in err
+    rc, _, err = run_cli("tokenizer", "eval", "image", "--tokenizer", str(tmp_path / "none"), "--data", "photos:heldout")
+    assert rc == 2 and "not found" in err
+
+
+def test_perceptual_loss_and_discriminator_from_local_weights(tmp_path, crops):
+    from safetensors.torch import save_file
+
+    from omni.tokenizers.image_train import _VGG16, PerceptualLoss, train_image_tokenizer
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vgg_lpips.safetensors"  # random weights under torchvision's and LPIPS's key names
+    state, c, i = {}, 3, 0
+    for v in _VGG16:
+        if v == "M":
+            i += 1
+            continue
+        state[f"features.{i}.weight"] = torch.randn(v, c, 3, 3) * (2 / (9 * c)) ** 0.5
+        state[f"features.{i}.bias"] = torch.zeros(v)
+        c, i = v, i + 2
+    state["lin0.model.1.weight"] = torch.rand(1, 64, 1, 1)
+    save_file(state, weights)
+    loss = PerceptualLoss([str(weights)])
+    x = crops[:2] * 2 - 1
+    y = x.clone().requires_grad_(True)
+    assert float(loss(x, x)) == 0.0
+    d = loss(x, (y + 0.3 * torch.randn_like(y)).clamp(-1, 1))
+    d.backward()
+    assert d.item() > 0 and y.grad.abs().sum() > 0
+    with pytest.raises(OmniError, match="perceptual weight file not found"):
+        PerceptualLoss([str(tmp_path / "missing.pth")])
+
+    cfg = ImageTrainConfig(model=tiny(), steps=3, batch_size=2, eval_every=0, save_every=0, eval_crops_per_image=1,
+                           eval_max_images=2, log_every=1, perceptual_weight=0.1, perceptual_weights=[str(weights)],
+                           disc_weight=0.1, disc_start=1)
+    train_image_tokenizer("photos:heldout", tmp_path / "run", cfg, progress=False, log=lambda s: None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert "perceptual" in steps[0] and "disc" not in steps[0] and "disc" in steps[1]
+
+
+def test_shipped_recipes_load_as_image_train_configs():
+    from omni.commands.tokenizer_image import load_image_recipe
+    from omni.config import recipes_dir
+
+    root = recipes_dir()
+    vq = load_image_recipe(str(root / "tokenizers" / "image_vq.yaml"), ["steps=3"])
+    fsq = load_image_recipe(str(root / "tokenizers" / "image_fsq.yaml"), [])
+    assert vq.steps == 3 and vq.model.quantizer == "vq" and vq.model.codebook_size == 1024
+    assert fsq.model.quantizer == "fsq" and fsq.model.n_codes == 1000
+    assert vq.model.image_size // vq.model.downsample == 8
+    with pytest.raises(ConfigError, match="model.quantizer='pq' is invalid"):
+        load_image_recipe(str(root / "tokenizers" / "image_vq.yaml"), ["model.quantizer=pq"])

@@ -1,0 +1,246 @@
+"""`omni train`: schedules, non-finite steps, exact resume after a real kill, 2-process parity, overfitting."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli
+from omni.config import RunConfig, TrainConfig, load_config
+from omni.errors import OmniError
+from omni.train.schedule import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, text_tokenizer):
+    """A text-only bundle and a token dataset of real text (the pydoc topics), preprocessed once."""
+    import pydoc_data.topics
+
+    import webdataset as wds
+
+    import omni
+    from omni.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("textrun")
+    omni.UnifiedTokenizer.build(text_tokenizer).save(root / "tok")
+    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    (root / "raw").mkdir()
+    with wds.TarWriter(str(root / "raw" / "text-000.tar")) as w:
+        for i, t in enumerate(topics[:60]):
+            w.write({"__key__": f"t{i:04d}", "txt": t[:1200].encode()})
+    preprocess([str(root / "raw")], root / "tok", root / "tokens", progress=False)
+    (root / "raw_small").mkdir()
+    with wds.TarWriter(str(root / "raw_small" / "text-000.tar")) as w:
+        for i, t in enumerate(topics[:6]):
+            w.write({"__key__": f"s{i:04d}", "txt": t[:300].encode()})
+    preprocess([str(root / "raw_small")], root / "tok", root / "tokens_small", progress=False)
+    return root
+
+
+def _recipe(root: Path, out: Path, **train) -> Path:
+    """A RunConfig YAML: the shared tiny model over the text dataset."""
+    tiny = yaml.safe_load((ROOT / "recipes" / "models" / "tiny.yaml").read_text())
+    cfg = {
+        "seed": 3,
+        "model": tiny["model"],
+        "data": {"tokenizer": str(root / "tok"), "paths": [str(root / "tokens")], "seq_len": 64, "seed": 5},
+        "train": {"out": str(out), "steps": 8, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
+                  "log_every": 1, "save_every": 100, "tensorboard": False, **train},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def _omni(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "omni", *args], cwd=ROOT.parent,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def test_schedules():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    wsd = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
+    assert lr_at(89, wsd) == pytest.approx(0.5) and lr_at(99, wsd) == pytest.approx(0.0)
+
+
+def test_overfits_real_text(tmp_path, text_run):
+    """A tiny model memorizes a small real dataset: the loss falls below 1.0 nat (from ln 640 = 6.5)."""
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "overfit", steps=120, lr=1e-2, min_lr=1e-3, warmup_steps=10,
+                     save_every=1000, log_every=1)
+    # six short documents, so memorizing them is possible in 120 steps
+    cfg = load_config(RunConfig, recipe, overrides=[f"data.paths=[{text_run / 'tokens_small'}]"])
+    train(cfg, resume="none", progress=False)
+    losses = _losses(tmp_path / "overfit")
+    assert losses[0][1] > 5.0
+    assert losses[-1][1] < 1.0, losses[-3:]
+
+
+def test_sigterm_then_resume_equals_one_run_bit_for_bit(tmp_path, text_run):
+    straight = _recipe(text_run, tmp_path / "straight", steps=12, save_every=3)
+    p = _omni("train", str(straight), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+
+    killed = _recipe(text_run, tmp_path / "killed", steps=12, save_every=3)
+    p = _omni("train", str(killed), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_dir = tmp_path / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out_dir / "step_000003" / "checksums.json").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "SIGTERM: saved" in stdout
+    stopped = max(int(d.name[5:]) for d in out_dir.glob("step_*"))
+    assert 3 <= stopped < 12, f"SIGTERM landed at step {stopped}: not mid-run"
+    p = _omni("train", str(killed), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+
+    assert _losses(out_dir) == _losses(tmp_path / "straight")
+    a = (tmp_path / "straight" / "step_000012" / "model.safetensors").read_bytes()
+    b = (out_dir / "step_000012" / "model.safetensors").read_bytes()
+    assert a == b
+    assert len(list(out_dir.glob("step_*"))) == 3  # keep_last
+
+
+def test_sigkill_resumes_from_last_intact_checkpoint(tmp_path, text_run):
+    from omni.train.loop import train
+
+    ref = _recipe(text_run, tmp_path / "ref", steps=8, save_every=2)
+    train(load_config(RunConfig, ref), resume="none", progress=False)
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=8, save_every=2)
+    p = _omni("train", str(recipe), "--quiet", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out_dir = tmp_path / "run"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out_dir / "step_000004" / "checksums.json").exists():
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    # corrupt the newest checkpoint: resume must pass over it with a warning
+    newest = max(out_dir.glob("step_*"))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        train(load_config(RunConfig, recipe), resume="auto", progress=False)
+    assert _losses(out_dir)[-1] == _losses(tmp_path / "ref")[-1]
+    assert ((out_dir / "step_000008" / "model.safetensors").read_bytes()
+            == (tmp_path / "ref" / "step_000008" / "model.safetensors").read_bytes())
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, text_run, monkeypatch):
+    from omni.model import OmniDecoder
+    from omni.train.loop import train
+
+    real = OmniDecoder.forward
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] in (3, 4) or calls["n"] >= 7:  # steps 3-4 bad, then bad forever
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(OmniDecoder, "forward", flaky)
+    cfg = load_config(RunConfig, _recipe(text_run, tmp_path / "nan", steps=20, max_bad_steps=3))
+    with pytest.raises(OmniError, match="3 steps in a row had a non-finite loss"):
+        train(cfg, resume="none", progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["skipped"]] == [3, 4, 7, 8, 9]
+    assert rows[-1]["skipped_steps"] == 5
+
+
+def test_bf16_and_activation_checkpointing(tmp_path, text_run):
+    from omni.train.loop import train
+
+    base = _recipe(text_run, tmp_path / "base", steps=3)
+    train(load_config(RunConfig, base), resume="none", progress=False)
+    ac = _recipe(text_run, tmp_path / "ac", steps=3, activation_checkpointing=True)
+    train(load_config(RunConfig, ac), resume="none", progress=False)
+    for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "base"), _losses(tmp_path / "ac")):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
+    bf = _recipe(text_run, tmp_path / "bf16", steps=3, precision="bf16")
+    train(load_config(RunConfig, bf), resume="none", progress=False)
+    assert all(abs(a[1] - b[1]) < 0.1 for a, b in zip(_losses(tmp_path / "base"), _losses(tmp_path / "bf16")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(tmp_path, text_run, strategy):
+    """torchrun with 2 CPU processes and half the micro-batch: the same loss at every step."""
+    from omni.train.loop import train
+
+    one = _recipe(text_run, tmp_path / "one", steps=4, micro_batch_size=4, grad_accum=2)
+    train(load_config(RunConfig, one), resume="none", progress=False)
+    two = _recipe(text_run, tmp_path / "two", steps=4, micro_batch_size=2, grad_accum=2)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "omni", "train", str(two), "--quiet", f"parallel.strategy={strategy}"],
+                       cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-5)
+
+
+def test_bad_train_config_exits_2(tmp_path, text_run):
+    recipe = _recipe(text_run, tmp_path / "bad")
+    for override, needle in [("train.stage=rlhf", "'pretrain', 'sft'"),
+                             ("train.min_lr=1.0", "train.min_lr=1.0 is invalid"),
+                             ("train.warmup_steps=100", "in [0, steps=8]"),
+                             ("data.tokenizer=/nonexistent", "vocab.json is missing"),
+                             ("data.tokenizer=null", "data.tokenizer"),
+                             ("data.paths=[/nonexistent]", "manifest.json is missing")]:
+        rc, out, err = run_cli("train", recipe, "--quiet", override)
+        assert rc == 2 and needle in err and "Traceback" not in err, (override, err)
+
+
+def test_stage_and_modality_weights_pick_the_scored_targets():
+    from omni.train.loop import _target_weights
+    from omni.vocab import AUDIO, IMAGE, SPECIAL, TEXT
+
+    table = torch.tensor([TEXT, SPECIAL, IMAGE, AUDIO])
+    batch = {"labels": torch.tensor([[0, 1, 2, 3, 2]]),
+             "loss_mask": torch.tensor([[0.0, 1, 1, 1, 0]]),  # SFT: the first target is a prompt token
+             "valid_mask": torch.tensor([[1.0, 1, 1, 1, 0]])}  # the last target crosses a document boundary
+    cfg = load_config(RunConfig, overrides=["train.loss_weights.image=0.5", "train.loss_weights.audio=0"])
+    assert _target_weights(batch, cfg, table).tolist() == [[1.0, 1.0, 0.5, 0.0, 0.0]]
+    cfg = load_config(RunConfig, overrides=["train.stage=sft"])
+    assert _target_weights(batch, cfg, table).tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
+
+
+def test_tensorboard_events_and_resume_truncates_metrics(tmp_path, text_run):
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "tb", steps=4, save_every=2, tensorboard=True)
+    train(load_config(RunConfig, recipe), resume="none", progress=False)
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    # resuming from step 2 drops the metrics of steps 3-4 before logging them again
+    train(load_config(RunConfig, recipe), resume=str(tmp_path / "tb" / "step_000002"), progress=False)
+    assert [s for s, _ in _losses(tmp_path / "tb")] == [1, 2, 3, 4]

@@ -1,0 +1,694 @@
+"""Training and evaluation of the VQ image tokenizer, and the reading of image data.
+
+Losses follow VQGAN (Esser et al. 2021, https://arxiv.org/abs/2012.09841): pixel reconstruction
+(L1 or L2) + the quantizer's own terms (commitment; LFQ's entropy) + optionally a perceptual
+loss (LPIPS, Zhang et al. 2018, https://arxiv.org/abs/1801.03924, from local weight files only)
++ optionally a patch-GAN discriminator (Isola et al. 2017, https://arxiv.org/abs/1611.07004)
+with the hinge loss, switched on after ``disc_start`` steps (fixed weight; VQGAN's adaptive
+weight is left out). AdamW, linear warm-up then cosine decay to lr/10.
+
+Data (``--data``): folders of image files (searched recursively), WebDataset ``.tar`` shards of
+images (each member named ``key.ext``; only image members are read), single image files, globs,
+or ``photos:train`` / ``photos:heldout`` / ``photos:all`` for the scikit-image photos of
+:mod:`omni.toy.photos`. Every image is converted to RGB (grayscale repeated; RGBA, LA and
+palette images with transparency composited onto white, as Chameleon does). Non-image files,
+corrupt or truncated images, unreadable shards and tiny images (shorter side below
+``min_image_side``) are skipped; skips and conversions are counted and logged, never fatal.
+
+Training crops: a square of side ``image_size * s`` (``s`` uniform in ``crop_scale``, capped by
+the image) at a random position, resized to ``image_size``, randomly flipped. Crops are drawn
+from a buffer of decoded images; a dataset that fits the buffer is read once. Batch ``t`` depends
+only on (seed, t), so a resumed run draws the same crops it would have drawn.
+
+Output folder: the tokenizer (``model.safetensors``, ``config.yaml``, ``tokenizer.json``), and
+``train_config.yaml``, ``train_state.safetensors`` (optimizer, discriminator, step; for resume),
+``train_log.jsonl`` and ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni.config.image_tokenizer import ImageTrainConfig
+from omni.errors import OmniError
+from omni.tokenizers.image import VQImageTokenizer
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+STATE_FILE = "train_state.safetensors"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+LOG_FILE = "train_log.jsonl"
+EVAL_FILE = "eval.json"
+
+
+# ------------------------------------------------------------------------------------------
+# Reading images
+# ------------------------------------------------------------------------------------------
+class DataReport:
+    """Counts of what the reader skipped (by reason) and converted (by PIL mode)."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.skipped: Counter[str] = Counter()
+        self.converted: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def skip(self, reason: str, what: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, what)
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "skipped": dict(self.skipped), "converted": dict(self.converted),
+                "examples": self.examples}
+
+    def __str__(self) -> str:
+        s = f"read {self.read} images"
+        if self.skipped:
+            s += "; skipped " + ", ".join(f"{n} {r} (e.g. {self.examples[r]})" for r, n in sorted(self.skipped.items()))
+        if self.converted:
+            s += "; converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(self.converted.items()))
+        return s
+
+
+def decode_image(data: bytes, report: DataReport, what: str):
+    """Encoded image bytes -> uint8 [H,W,3], or None (counted in ``report``) when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # truncated files fail here, not later
+            return to_rgb_array(im, report)
+    except UnidentifiedImageError:
+        report.skip("not an image", what)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        report.skip("corrupt image", f"{what}: {e}")
+    return None
+
+
+def to_rgb_array(im, report: DataReport | None = None):
+    """A PIL image of any mode -> uint8 [H,W,3] (omni.vocab.pil_to_rgb's rule), counting conversions."""
+    from omni.vocab import pil_to_rgb
+
+    if im.mode != "RGB" and report is not None:
+        report.converted[im.mode] += 1
+    return pil_to_rgb(im)
+
+
+def expand_data(data: str | Sequence[str]) -> list[str]:
+    """``--data`` values -> a list of sources: folders, files, shards (globs expanded) or photos:SPLIT."""
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if item.startswith("photos:"):
+            from omni.toy.photos import SPLITS
+
+            if item[len("photos:"):] not in SPLITS:
+                raise OmniError(f"unknown data source {item!r}; photo splits: "
+                                + ", ".join(f"photos:{s}" for s in SPLITS))
+            out.append(item)
+        elif any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise OmniError(f"data glob {item!r} matches no files")
+            out.extend(matches)
+        elif Path(item).exists():
+            out.append(item)
+        else:
+            raise OmniError(f"data not found: {item} (give image folders, image files, .tar shards, "
+                            f"globs, or photos:train / photos:heldout)")
+    return out
+
+
+def _source_files(sources: Sequence[str]) -> list[str]:
+    files: list[str] = []
+    for s in sources:
+        p = Path(s)
+        if s.startswith("photos:") or p.is_file():
+            files.append(s)
+        else:  # a folder: every non-hidden file below it, sorted
+            files.extend(str(f) for f in sorted(p.rglob("*"))
+                         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return files
+
+
+def iter_images(data: str | Sequence[str], report: DataReport, min_side: int = 1,
+                order_seed: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, uint8 [H,W,3])`` for every readable image in ``data``; skips go to ``report``.
+
+    ``order_seed`` shuffles the order of files and shards (not the members inside a shard).
+    """
+    files = _source_files(expand_data(data))
+    if order_seed is not None:
+        np.random.default_rng(order_seed).shuffle(files)
+    for f in files:
+        if f.startswith("photos:"):
+            from omni.toy.photos import photos
+
+            items: Iterator = ((n, a) for n, a in photos(f[len("photos:"):]))
+        elif f.endswith(".tar"):
+            items = _iter_shard(f, report)
+        elif Path(f).suffix.lower() in IMAGE_EXTS:
+            items = _iter_file(f, report)
+        else:
+            report.skip("not an image file", f)
+            continue
+        for name, a in items:
+            if min(a.shape[:2]) < min_side:
+                report.skip(f"tiny image (shorter side < {min_side} px)", f"{name}: {a.shape[1]}x{a.shape[0]}")
+                continue
+            report.read += 1
+            yield name, a
+
+
+def _iter_file(path: str, report: DataReport):
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        report.skip("unreadable file", f"{path}: {e}")
+        return
+    a = decode_image(data, report, path)
+    if a is not None:
+        yield path, a
+
+
+def _iter_shard(path: str, report: DataReport):
+    """Image members of a WebDataset shard (``key.ext`` members); other members are ignored.
+
+    The stdlib's streaming tarfile reader is what webdataset uses underneath; reading it directly
+    lets a truncated shard end with a count instead of an exception.
+    """
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                ext = "." + member.name.rsplit(".", 1)[-1].lower() if "." in member.name else ""
+                if ext not in IMAGE_EXTS:
+                    continue
+                fobj = tar.extractfile(member)
+                data = fobj.read() if fobj is not None else b""
+                a = decode_image(data, report, f"{path}:{member.name}")
+                if a is not None:
+                    yield f"{path}:{member.name}", a
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.skip("unreadable shard (rest of it)", f"{path}: {e}")
+
+
+def _to_float(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # [3,H,W]
+
+
+def crop(a: np.ndarray, size: int, side: int, top: int, left: int, flip: bool) -> torch.Tensor:
+    """The ``side``-pixel square at (top, left) of uint8 [H,W,3] -> float [3,size,size] in [0,1]."""
+    x = _to_float(a[top : top + side, left : left + side])
+    if flip:
+        x = x.flip(-1)
+    if side != size:
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    return x.clamp(0, 1)
+
+
+def random_crop(a: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator,
+                hflip: bool) -> torch.Tensor:
+    h, w = a.shape[:2]
+    side = min(h, w, max(1, round(size * rng.uniform(scale[0], scale[1]))))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return crop(a, size, side, top, left, bool(hflip and rng.random() < 0.5))
+
+
+class CropSampler:
+    """Random training crops from a buffer of decoded images (see the module docstring)."""
+
+    def __init__(self, data, cfg: ImageTrainConfig, report: DataReport):
+        self.data, self.cfg, self.report = data, cfg, report
+        self.size = cfg.model.image_size
+        self.epoch = 0
+        self.stream = iter_images(data, report, cfg.min_image_side, order_seed=cfg.seed)
+        self.buffer: list[np.ndarray] = []
+        for _, a in self.stream:
+            self.buffer.append(a)
+            if len(self.buffer) >= cfg.buffer_images:
+                break
+        else:
+            self.stream = None  # everything fits: read once
+        if not self.buffer:
+            raise OmniError(f"no readable images in {data}: {report}")
+
+    def _refresh(self, rng: np.random.Generator, n: int) -> None:
+        """Replace ``n`` random buffer slots with the next images of the stream (new epoch at its end)."""
+        for _ in range(n):
+            a = next(self.stream, None)
+            if a is None:
+                self.epoch += 1
+                self.stream = iter_images(self.data, self.report, self.cfg.min_image_side,
+                                          order_seed=self.cfg.seed + self.epoch)
+                a = next(self.stream, None)
+                if a is None:
+                    return
+            self.buffer[int(rng.integers(len(self.buffer)))] = a[1]
+
+    def batch(self, step: int) -> torch.Tensor:
+        """float [batch_size,3,S,S] in [0,1]; depends only on (seed, step) and the buffer."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        if self.stream is not None:
+            self._refresh(rng, max(1, self.cfg.batch_size // 4))
+        return self.draw(self.cfg.batch_size, rng)
+
+    def draw(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """``n`` random crops of random buffer images: float [n,3,S,S] in [0,1]."""
+        picks = rng.integers(len(self.buffer), size=n)
+        return torch.stack([random_crop(self.buffer[i], self.size, self.cfg.crop_scale, rng, self.cfg.hflip)
+                            for i in picks])
+
+
+def eval_images(data, size: int, crops_per_image: int, max_images: int, report: DataReport,
+                min_side: int = 1, seed: int = 0, preprocess: Callable | None = None) -> torch.Tensor:
+    """The fixed evaluation set: float [N,3,size,size].
+
+    ``crops_per_image > 0``: that many native-resolution random crops per image (seeded);
+    ``0``: one image per file, resized and center-cropped by ``preprocess`` (the tokenizer's rule).
+    """
+    out: list[torch.Tensor] = []
+    for i, (_, a) in enumerate(iter_images(data, report, min_side)):
+        if crops_per_image == 0:
+            out.append(preprocess(_to_float(a)))
+        else:
+            rng = np.random.default_rng([seed, 1_000_003, i])
+            out.extend(random_crop(a, size, (1.0, 1.0), rng, False) for _ in range(crops_per_image))
+        if len(out) >= max_images:
+            break
+    if not out:
+        raise OmniError(f"no readable images to evaluate on in {data}: {report}")
+    return torch.stack(out[:max_images])
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [B,3,H,W] images in [0,1] -> [B] (capped at 100 dB)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def pooled_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR in dB of the mean squared error over all images and pixels (torchmetrics' default reduction)."""
+    mse = (x.double() - y.double()).pow(2).mean()
+    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) of [B,3,H,W] in [0,1] -> [B].
+
+    Gaussian window sigma 1.5, 11 taps, K1=0.01, K2=0.03, mean over the valid region and the
+    channels: the figure ``skimage.metrics.structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)`` gives.
+    """
+    x, y = x.double(), y.double()
+    r = 5
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-(t**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)  # separable: along W, then along H
+    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(z):
+        return F.conv2d(F.conv2d(z, wh, groups=c), wv, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def code_stats(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Share of the codebook used and the perplexity (exp entropy) of the code histogram."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"codebook_usage": float((counts > 0).sum()) / codebook_size,
+            "codes_used": int((counts > 0).sum()),
+            "code_perplexity": float(torch.exp(-(nz * nz.log()).sum()))}
+
+
+@torch.no_grad()
+def evaluate(tok: VQImageTokenizer, images: torch.Tensor, batch_size: int = 64) -> dict:
+    """Reconstruction and code statistics of ``tok`` on ``images`` [N,3,S,S]; restores train mode after."""
+    was_training = tok.training
+    tok.eval()
+    codes, recons = [], []
+    t_enc = t_dec = 0.0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        t0 = time.perf_counter()
+        c = tok.encode(x)
+        t1 = time.perf_counter()
+        r = tok.decode(c) if tok.config.has_decoder else None
+        t2 = time.perf_counter()
+        t_enc, t_dec = t_enc + (t1 - t0), t_dec + (t2 - t1)
+        codes.append(c)
+        if r is not None:
+            recons.append(r)
+    tok.train(was_training)
+    codes_t = torch.cat(codes)
+    n = len(images)
+    baseline = images.mean(dim=(2, 3), keepdim=True).expand_as(images)  # each image's mean color
+    out = {"images": n, "image_size": list(tok.image_size), "grid": list(tok.grid),
+           "codebook_size": tok.codebook_size, **code_stats(codes_t, tok.codebook_size),
+           "encode_images_per_s": n / max(t_enc, 1e-9),
+           "psnr_mean_color_baseline": pooled_psnr(baseline, images),
+           "psnr_per_image_mean_color_baseline": float(psnr(baseline, images).mean())}
+    if recons:
+        rec = torch.cat(recons)
+        out.update(psnr=pooled_psnr(rec, images), psnr_per_image=float(psnr(rec, images).mean()),
+                   ssim=float(ssim(rec, images).mean()), decode_images_per_s=n / max(t_dec, 1e-9))
+        out["psnr_over_baseline"] = out["psnr"] - out["psnr_mean_color_baseline"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Perceptual loss and discriminator
+# ------------------------------------------------------------------------------------------
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+_LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's indices
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS-VGG (Zhang et al. 2018) from local weights, frozen.
+
+    Hand-written because torchvision is unusable here and the lpips package imports it; the
+    module indices equal torchvision's ``vgg16().features`` so its state dict loads by name.
+    Without LPIPS's linear layers every channel weighs 1 (plain normalized VGG feature distance).
+    """
+
+    def __init__(self, files: Sequence[str]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in _VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        chans = (64, 128, 256, 512, 512)
+        self.lins = nn.ParameterList([nn.Parameter(torch.ones(1, ch, 1, 1)) for ch in chans])
+        # LPIPS's ScalingLayer: [-1,1] input -> roughly ImageNet-normalized
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self._load(files)
+        self.requires_grad_(False).eval()
+
+    def _load(self, files: Sequence[str]) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            p = Path(f)
+            if not p.is_file():
+                raise OmniError(f"perceptual weight file not found: {p}")
+            try:
+                if p.suffix == ".safetensors":
+                    from safetensors.torch import load_file
+
+                    state.update(load_file(p))
+                else:
+                    state.update(torch.load(p, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+                raise OmniError(f"cannot read perceptual weights {p}: {type(e).__name__}: {e}") from None
+        feats = {}
+        for k, v in state.items():
+            if k.startswith("features."):
+                feats[k[len("features."):]] = v
+            elif k.startswith("net.slice"):  # LPIPS's own checkpoints: net.sliceK.N.weight
+                feats[k.split(".", 2)[2]] = v
+        missing, _ = self.features.load_state_dict(feats, strict=False)
+        if missing:
+            raise OmniError(f"perceptual weights lack VGG16 conv weights {missing[:4]}... "
+                            f"(expected torchvision's vgg16 'features.N.weight' keys)")
+        for i in range(5):
+            w = state.get(f"lin{i}.model.1.weight")
+            if w is not None:
+                self.lins[i].data.copy_(w.reshape(self.lins[i].shape))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [-1,1] images -> scalar
+        x, y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
+        loss = x.new_zeros(())
+        k = 0
+        for i, layer in enumerate(self.features):
+            x, y = layer(x), layer(y)
+            if i in _LPIPS_TAPS:
+                nx = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                ny = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                loss = loss + ((nx - ny).pow(2) * self.lins[k]).sum(1).mean()
+                k += 1
+                if k == len(_LPIPS_TAPS):
+                    break
+        return loss
+
+
+class PatchDiscriminator(nn.Module):
+    """Patch-GAN (pix2pix's NLayerDiscriminator, as in VQGAN): one real/fake logit per patch."""
+
+    def __init__(self, channels: int = 32, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] in [-1,1] -> [B,1,h',w'] logits
+        return self.net(x)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{idx}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            idx, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, step: int,
+                    opt: torch.optim.Optimizer, disc: nn.Module | None, dopt) -> None:
+    from safetensors.torch import save
+
+    from omni.config import save_config
+    from omni.io import atomic_write_bytes
+    from omni.tokenizers.base import save_tokenizer
+
+    save_tokenizer(tok, out)
+    tensors, meta = _flatten_optimizer(opt, "opt")
+    meta_all = {"step": step, "opt": meta}
+    if disc is not None:
+        tensors.update({f"disc.{k}": v.detach().contiguous().clone() for k, v in disc.state_dict().items()})
+        dt, dmeta = _flatten_optimizer(dopt, "dopt")
+        tensors.update(dt)
+        meta_all["dopt"] = dmeta
+    atomic_write_bytes(out / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta_all)}))
+    save_config(cfg, out / TRAIN_CONFIG_FILE)
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+def _lr_factor(step: int, cfg: ImageTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig, eval_data=None,
+                          resume: bool = True, progress: bool = True,
+                          log: Callable[[str], None] = print) -> VQImageTokenizer:
+    """Train (or resume) a VQ image tokenizer on ``data``; write checkpoints and eval.json to ``out``."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(data, Path(out), cfg, eval_data, resume, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, progress: bool,
+           log: Callable[[str], None]) -> VQImageTokenizer:
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from omni.config import load_config, to_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    tok = VQImageTokenizer(cfg.model)
+    start = 0
+    state_path = out / STATE_FILE
+    resuming = resume and state_path.is_file()
+    if resuming:
+        saved = load_config(ImageTrainConfig, out / TRAIN_CONFIG_FILE)
+        if to_dict(saved.model) != to_dict(cfg.model):
+            raise OmniError(f"{out} holds a run of another model config; resume it with the same config, "
+                            f"or pass another --out (or --no-resume to start over there)")
+        tok = VQImageTokenizer.load(out)
+    tok.train()
+
+    disc = dopt = perceptual = None
+    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
+        dopt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.perceptual_weight > 0:
+        perceptual = PerceptualLoss(cfg.perceptual_weights)
+    if resuming:
+        tensors = load_file(state_path)
+        from safetensors import safe_open
+
+        with safe_open(str(state_path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        _restore_optimizer(opt, tensors, meta["opt"], "opt")
+        if disc is not None and "dopt" in meta:
+            disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            _restore_optimizer(dopt, tensors, meta["dopt"], "dopt")
+        start = int(meta["step"])
+        log(f"resuming {out} at step {start}")
+
+    report = DataReport()
+    sampler = CropSampler(data, cfg, report)
+    eval_report = DataReport()
+    if eval_data is not None:
+        eval_set = eval_images(eval_data, cfg.model.image_size, cfg.eval_crops_per_image, cfg.eval_max_images,
+                               eval_report, cfg.min_image_side, cfg.seed, tok.preprocess)
+        eval_on = "held-out data"
+    else:  # no held-out data: fixed crops of the training images (not a generalization figure)
+        eval_set = eval_images(data, cfg.model.image_size, cfg.eval_crops_per_image, cfg.eval_max_images,
+                               eval_report, cfg.min_image_side, cfg.seed, tok.preprocess)
+        eval_on = "training images (no --eval-data given)"
+    log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
+    log(f"eval data ({eval_on}): {len(eval_set)} images; {eval_report}")
+    log(f"model: {tok}")
+
+    logf = open(out / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+
+    def write_log(rec: dict) -> None:
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+
+    write_log({"event": "data", "train": report.to_dict(), "eval": eval_report.to_dict(), "eval_on": eval_on})
+
+    if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
+        # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code
+        n_init = max(cfg.batch_size, math.ceil(4 * tok.codebook_size / tok.tokens_per_image))
+        x0 = sampler.draw(n_init, np.random.default_rng([cfg.seed, 2**31]))
+        with torch.no_grad():
+            tok.quantize_latent(tok.encoder(tok._to_model(x0)))
+
+    recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
+    t_start = time.time()
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not progress, desc="image tokenizer",
+               unit="step")
+    try:
+        for step in range(start, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, cfg)
+            x = sampler.batch(step)
+            target = x * 2 - 1
+            recon, codes, qloss = tok(x)
+            rec = recon_fn(recon, target)
+            loss = rec + cfg.quantizer_loss_weight * qloss
+            terms = {"rec": rec.item(), "quant": qloss.item()}
+            if perceptual is not None:
+                p = perceptual(recon, target)
+                loss = loss + cfg.perceptual_weight * p
+                terms["perceptual"] = p.item()
+            gan_on = disc is not None and step >= cfg.disc_start
+            if gan_on:
+                g_loss = -disc(recon).mean()
+                loss = loss + cfg.disc_weight * g_loss
+                terms["gen"] = g_loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
+            opt.step()
+            if gan_on:  # hinge loss (VQGAN)
+                for g in dopt.param_groups:
+                    g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                d_loss = F.relu(1 - disc(target)).mean() + F.relu(1 + disc(recon.detach())).mean()
+                dopt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                dopt.step()
+                terms["disc"] = d_loss.item()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                with torch.no_grad():
+                    train_psnr = float(psnr(((recon + 1) / 2).clamp(0, 1), x).mean())
+                rec_log = {"step": done, "loss": loss.item(), **terms, "psnr": train_psnr,
+                           "batch_codes_used": int(codes.unique().numel()), "lr": opt.param_groups[0]["lr"],
+                           "elapsed_s": round(time.time() - t_start, 2)}
+                write_log(rec_log)
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.2f}")
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                m = evaluate(tok, eval_set)
+                write_log({"step": done, "event": "eval", **m})
+                bar.write(f"step {done}: eval psnr {m['psnr']:.2f} dB (baseline "
+                          f"{m['psnr_mean_color_baseline']:.2f}), usage {m['codebook_usage']:.1%}")
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+                save_checkpoint(out, tok, cfg, done, opt, disc, dopt)
+            bar.update(1)
+        bar.close()
+        final_step = max(cfg.steps, start)
+        save_checkpoint(out, tok, cfg, final_step, opt, disc, dopt)
+        m = evaluate(tok, eval_set)
+        m.update(step=final_step, eval_on=eval_on, train_seconds=round(time.time() - t_start, 1))
+        write_log({"event": "final_eval", **m})
+    finally:
+        logf.close()
+    from omni.io import atomic_write_text
+
+    atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")
+    log(f"train data: {report}")
+    log(f"eval ({eval_on}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color baseline "
+        f"{m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
+        f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
+    return tok.eval()
