@@ -86,3 +86,30 @@ def tiny_model_config():
 
     path = Path(__file__).parent.parent / "recipes" / "models" / "tiny.yaml"
     return load_config(ModelConfig, yaml.safe_load(path.read_text())["model"])
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(text_tokenizer):
+    """A bundle of the real tokenizers at tiny sizes, random init: VQ image (32 px -> 4x4 codes of 64)
+    and whisper-VQ audio (25 Hz, 16 codes). Random weights code deterministically, which is all the
+    data and generation plumbing needs."""
+    from omni.config.audio_tokenizer import AudioTokenizerConfig
+    from omni.config.image_tokenizer import ImageTokenizerConfig
+    from omni.tokenizers.audio import WhisperVQAudioTokenizer
+    from omni.tokenizers.image import VQImageTokenizer
+    from omni.vocab import UnifiedTokenizer
+
+    torch_seed()
+    image = VQImageTokenizer(ImageTokenizerConfig(
+        image_size=32, base_channels=8, channel_multiplier=[1, 2, 2, 2], norm_groups=4, latent_channels=16,
+        embed_dim=8, codebook_size=64)).eval()
+    audio = WhisperVQAudioTokenizer.from_config(AudioTokenizerConfig(
+        n_state=32, n_head=2, n_layer=1, chunk_seconds=1.0, codebook_size=16, code_dim=8, decoder_channels=16,
+        decoder_blocks=1, decoder_frame_blocks=0))
+    return UnifiedTokenizer.build(text_tokenizer, image, audio)
+
+
+def torch_seed(seed: int = 0) -> None:
+    import torch
+
+    torch.manual_seed(seed)

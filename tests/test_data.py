@@ -87,6 +87,12 @@ def real_samples():
 
 
 @pytest.fixture(scope="module")
+def tokenizer(real_tokenizer):
+    """The real image and audio tokenizers (tiny, random init): the pipeline meets what users run."""
+    return real_tokenizer
+
+
+@pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("bundle")
     tokenizer.save(d)
@@ -234,8 +240,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, real_samples):
     _write_shards(real_samples * 3, tmp_path / "raw", per_shard=3)  # 22 shards
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import doubles; from omni.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = "import sys; from omni.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["data", "preprocess", "--input", str(tmp_path / "raw"), "--tokenizer", str(bundle_dir), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "full")],

@@ -51,7 +51,7 @@ from omni.config import load_config, save_config
 from omni.config.audio_tokenizer import AudioTokenizerConfig
 from omni.errors import OmniError
 from omni.io import atomic_write_bytes
-from omni.tokenizers.base import AudioTokenizer
+from omni.tokenizers.base import AudioTokenizer, settle_codebooks
 
 SAMPLE_RATE = 16000
 """Whisper's sample rate; every clip is resampled to it."""
@@ -308,6 +308,7 @@ class WhisperVQAudioTokenizer(AudioTokenizer):
         """float mono wave [T] at ``sample_rate`` -> long codes [T'] (``[T'*Q]`` step-major with residual VQ)."""
         mel, steps = self.mel_chunks(to_mono_16k(wave, sample_rate))
         self.model.eval()
+        settle_codebooks(self.model)  # encoding never changes the tokenizer
         codes = []
         for i in range(0, mel.shape[0], batch_chunks):
             _, c, _ = self.model.quantize(self.model.latents(mel[i : i + batch_chunks]))

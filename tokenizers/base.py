@@ -33,6 +33,19 @@ def fingerprint_dir(path: str | os.PathLike) -> str:
     return sha256_bytes("\n".join(parts).encode())
 
 
+def settle_codebooks(module) -> None:
+    """Mark lazily initialized codebooks as initialized (vector-quantize-pytorch's k-means init runs
+    on the first forward, even in eval mode). Called before encoding outside training, so encoding
+    never changes a tokenizer: an untrained one codes with its random codebook, and its codes and
+    fingerprint depend on its weights alone, in every process."""
+    import torch
+
+    for m in module.modules():
+        initted = getattr(m, "initted", None)
+        if isinstance(initted, torch.Tensor) and initted.numel() == 1 and not bool(initted):
+            initted.fill_(True)
+
+
 class ModalityTokenizer(abc.ABC):
     """Common part of image and audio tokenizers."""
 

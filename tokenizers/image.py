@@ -38,7 +38,7 @@ from torch import nn
 
 from omni.config.image_tokenizer import ImageTokenizerConfig
 from omni.errors import OmniError
-from omni.tokenizers.base import ImageTokenizer
+from omni.tokenizers.base import ImageTokenizer, settle_codebooks
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -300,6 +300,8 @@ class VQImageTokenizer(nn.Module, ImageTokenizer):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """float [B,3,H,W] in [0,1] at :attr:`image_size` -> long codes [B,h,w]."""
+        if not self.training:
+            settle_codebooks(self)  # encoding never changes the tokenizer
         _, codes, _ = self.quantize_latent(self.encoder(self._to_model(images)))
         return codes
 
