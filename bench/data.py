@@ -44,9 +44,10 @@ def make_shards(folder: Path, n: int) -> int:
     texts = [pydoc_data.topics.topics[k][:2000] for k in sorted(pydoc_data.topics.topics)]
     folder.mkdir(parents=True)
     count = 0
-    for shard in range(4):
+    n_shards = max(4, n // 96)
+    for shard in range(n_shards):
         with wds.TarWriter(str(folder / f"bench-{shard:03d}.tar")) as w:
-            for i in range(shard, n, 4):
+            for i in range(shard, n, n_shards):
                 kind = i % 3
                 if kind == 0:
                     name, a = pics[i % len(pics)]
@@ -86,7 +87,8 @@ def make_bundle(folder: Path):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=384, help="enough that worker start-up (imports) amortizes")
+    ap.add_argument("--samples", type=int, default=1536,
+                    help="enough that worker start-up (about 4 s of imports each) amortizes")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3, help="timed decoder steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the loader and decoder (default 1)")
