@@ -203,6 +203,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, text_run, strategy):
                        cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trained to step 4") == 1  # only rank 0 prints
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, x), (_, y) in zip(a, b):
@@ -238,9 +239,11 @@ def test_stage_and_modality_weights_pick_the_scored_targets():
 def test_tensorboard_events_and_resume_truncates_metrics(tmp_path, text_run):
     from omni.train.loop import train
 
-    recipe = _recipe(text_run, tmp_path / "tb", steps=4, save_every=2, tensorboard=True)
+    recipe = _recipe(text_run, tmp_path / "tb", steps=4, save_every=2, tensorboard=True, peak_flops=1e12)
     train(load_config(RunConfig, recipe), resume="none", progress=False)
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(ln) for ln in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 and "loss_text" in r for r in rows)
     # resuming from step 2 drops the metrics of steps 3-4 before logging them again
     train(load_config(RunConfig, recipe), resume=str(tmp_path / "tb" / "step_000002"), progress=False)
     assert [s for s, _ in _losses(tmp_path / "tb")] == [1, 2, 3, 4]
