@@ -377,6 +377,11 @@ class UnifiedTokenizer:
                 )
             if tok is None and n:
                 raise OmniError(f"vocab has {n} {name} codes but no {name} tokenizer was given")
+        from omni.tokenizers.base import settle_codebooks
+
+        for tok in (image, audio):  # a bundle's tokenizers are final: encoding must not change them
+            if tok is not None:
+                settle_codebooks(tok)
         if image is not None and vocab.image_grid is not None and tuple(image.grid) != tuple(vocab.image_grid):
             raise VocabMismatchError(f"image tokenizer grid {image.grid} != vocab image_grid {vocab.image_grid}")
         self.components = self._components()

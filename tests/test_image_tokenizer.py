@@ -313,3 +313,21 @@ def test_shipped_recipes_load_as_image_train_configs():
     assert vq.model.image_size // vq.model.downsample == 8
     with pytest.raises(ConfigError, match="model.quantizer='pq' is invalid"):
         load_image_recipe(str(root / "tokenizers" / "image_vq.yaml"), ["model.quantizer=pq"])
+
+
+def test_encoding_never_changes_an_untrained_tokenizer(tmp_path, text_tokenizer):
+    """vector-quantize-pytorch k-means-initializes a codebook on its first forward, even in eval mode:
+    a bundle's tokenizers must code the same in every process and keep their fingerprint."""
+    import omni
+    from omni.tokenizers.image import VQImageTokenizer
+
+    image = VQImageTokenizer(tiny(quantizer="vq", kmeans_init=True)).eval()
+    tok = omni.UnifiedTokenizer.build(text_tokenizer, image)
+    before = tok.fingerprint
+    x = omni.Image(torch.rand(3, 32, 32))
+    ids = tok.encode(omni.Document([x]))
+    assert torch.equal(tok.encode(omni.Document([x])), ids)
+    tok.save(tmp_path / "b")
+    again = omni.UnifiedTokenizer.load(tmp_path / "b")  # refused if the weights changed after build
+    assert again.fingerprint == before
+    assert torch.equal(again.encode(omni.Document([x])), ids)

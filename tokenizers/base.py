@@ -40,6 +40,10 @@ def settle_codebooks(module) -> None:
     fingerprint depend on its weights alone, in every process."""
     import torch
 
+    if not hasattr(module, "modules"):  # a tokenizer that holds its network as .model
+        module = getattr(module, "model", None)
+        if not hasattr(module, "modules"):
+            return
     for m in module.modules():
         initted = getattr(m, "initted", None)
         if isinstance(initted, torch.Tensor) and initted.numel() == 1 and not bool(initted):
