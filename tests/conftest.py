@@ -60,6 +60,18 @@ def tokenizer(text_tokenizer, image_double, audio_double):
     return UnifiedTokenizer.build(text_tokenizer, image_double, audio_double)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: they gain nothing from threads, and on a busy
+    2-core machine two OpenMP threads spin-wait on each other (measured 10-100x slower steps)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_cli(*args: str):
     """Run `omni ARGS` in-process; returns (exit code, stdout, stderr)."""
     import contextlib

@@ -27,13 +27,7 @@ from omni.errors import OmniError  # noqa: E402
 V, N_IMAGE = 256, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine two OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_token(code: int) -> str:

@@ -13,14 +13,7 @@ from omni.checkpoint import load_weights, save_checkpoint
 from omni.errors import OmniError, VocabMismatchError
 from omni.model import OmniDecoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine two OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ TINY = dict(image_size=32, base_channels=8, channel_multiplier=[1, 2, 2, 2], nor
 """32 px -> 4x4 codes (8x downsampling), tiny channels: milliseconds per image."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine a second thread mostly waits at barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> ImageTokenizerConfig:

@@ -11,14 +11,7 @@ from conftest import run_cli
 from omni.errors import ConfigError, OmniError
 from omni.model import IGNORE_INDEX, OmniDecoder, count_parameters, flops_per_token
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine two OpenMP threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(cfg, seed=0, **changes):
