@@ -15,12 +15,10 @@ import types
 
 import pytest
 import torch
-
-from conftest import run_cli
-
-pytest.importorskip("transformers", reason="the parity test needs the `hf` extra")  # extra, not a core path
+import transformers  # noqa: E402,F401  - the `hf` extra; `make test` installs it, so this never skips
 
 import omni  # noqa: E402
+from conftest import run_cli
 from omni.convert_chameleon import chameleon_vocab, convert_decoder, image_code_of  # noqa: E402
 from omni.errors import OmniError  # noqa: E402
 

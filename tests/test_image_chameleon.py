@@ -7,8 +7,6 @@ import torch
 
 from omni.errors import OmniError
 
-transformers = pytest.importorskip("transformers", reason="the Chameleon import test needs the `hf` extra")
-
 N_CODES = 64
 
 
