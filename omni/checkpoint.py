@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omni.errors import OmniError, VocabMismatchError
-from omni.io import atomic_write_bytes, atomic_write_text
+from omni.io import atomic_write_bytes, atomic_write_text, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from omni.config.model import ModelConfig
@@ -147,15 +147,8 @@ def load(directory: str | os.PathLike, config: ModelConfig | None = None,
     d = Path(directory)
     if not d.is_dir():
         raise OmniError(f"checkpoint directory not found: {d}")
-    meta_path = d / META_FILE
-    if not meta_path.is_file():
-        raise OmniError(f"{d} is not an omni checkpoint: {META_FILE} is missing (was it written completely?)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise OmniError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise OmniError(f"{meta_path}: unsupported checkpoint format {meta.get('format')!r} (this omni reads {FORMAT_VERSION})")
+    meta = read_json(d / META_FILE, f"{d} is not an omni checkpoint: {META_FILE} is missing (was it written "
+                     "completely?)", FORMAT_VERSION, "checkpoint")
     saved = load_config_of(d)
     if config is not None:
         diff = _config_diff(saved, config)

@@ -42,3 +42,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, missing: str, format_version: int | None = None, what: str = "file") -> dict:
+    """A JSON file written by omni; ``missing`` is the message when it is absent. With
+    ``format_version``, its "format" key must match. Any problem is an OmniError naming the file."""
+    import json
+
+    from omni.errors import OmniError
+
+    path = Path(path)
+    if not path.is_file():
+        raise OmniError(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise OmniError(f"{path} is not a JSON object")
+    if format_version is not None and data.get("format") != format_version:
+        raise OmniError(f"{path}: unsupported {what} format {data.get('format')!r} (this omni reads {format_version})")
+    return data

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from omni.errors import DecodeError, OmniError, VocabMismatchError
-from omni.io import atomic_write_text, sha256_bytes
+from omni.io import atomic_write_text, read_json, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -634,15 +634,8 @@ class UnifiedTokenizer:
         from omni.tokenizers.base import load_tokenizer
 
         d = Path(directory)
-        path = d / VOCAB_FILE
-        if not path.is_file():
-            raise OmniError(f"{d} is not a tokenizer bundle: {VOCAB_FILE} is missing")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise OmniError(f"{path} is not valid JSON: {e}") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise OmniError(f"{path}: unsupported bundle format {meta.get('format')!r} (this omni reads {FORMAT_VERSION})")
+        meta = read_json(d / VOCAB_FILE, f"{d} is not a tokenizer bundle: {VOCAB_FILE} is missing",
+                         FORMAT_VERSION, "bundle")
         vocab = UnifiedVocab.from_json(meta["layout"])
         recorded = meta.get("tokenizers", {})
         loaded: dict[str, Any] = {}
