@@ -8,7 +8,6 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; a GPU cluster uses the Dockerfile (NGC base image) instead.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
-RUN    ?= runs/quickstart
 
 .PHONY: demo test lint clean system-deps
 
@@ -21,11 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,hf]"
 	touch $@
 
+# The toy any-to-any model end to end: runs/demo/index.html and runs/demo/metrics.json (rerun to resume).
 demo: $(STAMP)
-	$(BIN)/python -m omni.toy.text $(RUN)/corpus.txt
-	$(BIN)/omni tokenizer train text --input $(RUN)/corpus.txt --vocab-size 4000 --out $(RUN)/tokenizer
-	$(BIN)/omni tokenizer encode --tokenizer $(RUN)/tokenizer "One vocabulary for text, images and audio: <boi> stays text." --out $(RUN)/ids.json
-	$(BIN)/omni tokenizer decode $(RUN)/ids.json --tokenizer $(RUN)/tokenizer
+	$(BIN)/omni demo --out runs/demo
 
 system-deps:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
@@ -38,4 +35,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs/quickstart
+	rm -rf $(VENV) build *.egg-info runs/demo

@@ -19,6 +19,7 @@ GROUPS = {
     "generate": "omni.commands.generate",
     "convert": "omni.commands.convert",
     "model": "omni.commands.model",
+    "demo": "omni.commands.demo",
 }
 
 

@@ -77,6 +77,19 @@ def test_cfg_at_scale_one_equals_no_cfg_and_guidance_changes_images(tokenizer, t
     assert any(not torch.equal(a.pixels, b.pixels) for a, b in zip(plain.images, guided.images))
 
 
+def test_min_audio_owes_an_audio_block_before_eos(tokenizer, tiny_model_config):
+    """Text-to-speech: with min_audio=1 and text and images off, every sequence holds an audio block."""
+    model = _model(tiny_model_config, 4)
+    base = dict(max_new_tokens=12, allow_text=False, allow_images=False, max_audio_tokens=5)
+    prompts = [f"say {w}" for w in ("a", "b", "c", "d", "e", "f")]
+    free = omni.generate(model, tokenizer, prompts, GenerateConfig(**base, seed=3))
+    owed = omni.generate(model, tokenizer, prompts, GenerateConfig(**base, seed=3, min_audio=1))
+    assert all(len(d.audios) >= 1 for d in owed)
+    assert any(len(d.audios) == 0 for d in free)  # without it, <eos> may come first: the test is not vacuous
+    with pytest.raises(omni.OmniError, match="min_audio=-1 is invalid"):
+        GenerateConfig(min_audio=-1)
+
+
 def test_batched_greedy_equals_one_by_one(tokenizer, tiny_model_config):
     model = _model(tiny_model_config, 2)
     cfg = GenerateConfig(max_new_tokens=30, text=GREEDY, image=GREEDY, audio=GREEDY, max_audio_tokens=5)
@@ -127,6 +140,20 @@ def test_page_files(tmp_path, tokenizer):
         "audio_000.wav", "image_000.png", "image_001.png", "image_002.png"]
     md = (tmp_path / "out.md").read_text()
     assert md.count("![image") == 3 and "draw shapes" in md
+
+
+def test_page_labels_and_summary_table(tmp_path, tokenizer):
+    from omni.generate.page import write_page
+
+    docs = [(omni.Document([omni.Text(f"prompt {i}")]), omni.Document([omni.Text(f"out {i}")])) for i in range(2)]
+    table = [("figure", "model", "chance"), ("caption accuracy", "91.0%", "20.0%")]
+    html = write_page(docs, tmp_path / "p.html", labels=["image to caption", "story"], summary=table).read_text()
+    assert '<h2 class="omni-label">image to caption</h2>' in html and '<h2 class="omni-label">story</h2>' in html
+    assert "<th>chance</th>" in html and "<td>91.0%</td>" in html
+    md = (tmp_path / "p.md").read_text()
+    assert "## story" in md and "| caption accuracy | 91.0% | 20.0% |" in md
+    with pytest.raises(omni.OmniError, match="1 labels for 2 entries"):
+        write_page(docs, tmp_path / "q.html", labels=["x"])
 
 
 @pytest.mark.slow

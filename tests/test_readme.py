@@ -28,6 +28,8 @@ def test_setup_is_exactly_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^make test$", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test: \$\(STAMP\).*\n\t\$\(BIN\)/pytest", makefile, re.M)
+    # `make demo` is `omni demo`, the command tests/test_demo.py runs end to end (at --budget small)
+    assert re.search(r"^demo: \$\(STAMP\)\n\t\$\(BIN\)/omni demo --out runs/demo\n", makefile, re.M)
 
 
 def test_usage_block_runs(tmp_path):

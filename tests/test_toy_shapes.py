@@ -108,7 +108,9 @@ def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
             "a blue square"]  # right count and shape, wrong color
     acc = toy.caption_accuracy(pred, truth)
     assert acc == {"exact": 0.25, "count": 0.75, "colors": 0.5, "shapes": 0.5,
-                   "precision": 3 / 6, "recall": 3 / 5}
+                   "precision": 3 / 6, "recall": 3 / 5,
+                   # one-to-one matching: 1, green right of (green, triangle), one of two slots, color wrong
+                   "attributes": (1 + 1 / 2 + 2 / 4 + 1 / 2) / 4}
     scenes = toy.scenes(10, "heldout")
     assert toy.caption_accuracy([sc.caption for sc in scenes], scenes)["exact"] == 1.0
     with pytest.raises(OmniError, match="2 predicted captions for 1 scenes"):
@@ -186,3 +188,18 @@ def test_command_line_writes_shards_and_previews(tmp_path):
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises(OmniError, match=message):
         call()
+
+
+def test_grid_snaps_sides_and_positions_to_whole_patches():
+    for seed in range(40):
+        sc = toy.scene(seed, size=32, grid=4)
+        for o in sc.objects:
+            x0, y0, x1, y1 = o.box
+            assert x0 % 4 == 0 and y0 % 4 == 0 and x1 % 4 == 0 and y1 % 4 == 0, o
+            assert x1 - x0 in (8, 12) and y1 - y0 in (8, 12), o
+        assert np.array_equal(toy.scene(seed, size=32, grid=1).image, toy.scene(seed, size=32).image)
+    assert not np.array_equal(toy.scene(3, size=32, grid=4).image, toy.scene(3, size=32).image)
+    with pytest.raises(OmniError, match="grid=7 is invalid for a 32px canvas"):
+        toy.scene(0, size=32, grid=7)  # no multiple of 7 between the sides 8 and 12
+    with pytest.raises(OmniError, match="grid=0 is invalid"):
+        toy.write_shards("unused", 1, size=32, grid=0)

@@ -34,6 +34,8 @@ class GenerateConfig:
     """Stop a sequence after it has generated this many images."""
     min_images: int = 0
     """<eos> is not allowed before this many images were made (while one still fits): 1 for caption-to-image."""
+    min_audio: int = 0
+    """<eos> is not allowed before this many audio blocks were made (while one still fits): 1 for text-to-speech."""
     max_audio_tokens: int = 250
     """Longest audio block in codes (10 s at 25 Hz)."""
     text: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9))
@@ -62,6 +64,7 @@ class GenerateConfig:
         check(self.max_images >= 0, "max_images", self.max_images, ">= 0")
         check(0 <= self.min_images <= max(self.max_images, 0), "min_images", self.min_images,
               f"in [0, max_images={self.max_images}]")
+        check(self.min_audio >= 0, "min_audio", self.min_audio, ">= 0")
         check(self.max_audio_tokens >= 1, "max_audio_tokens", self.max_audio_tokens, ">= 1")
         check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, ">= 0")
         check(self.audio_cfg_scale >= 0, "audio_cfg_scale", self.audio_cfg_scale, ">= 0")

@@ -31,7 +31,9 @@ class TokenDataset:
     """The documents of one preprocessed folder, in shard order."""
 
     def __init__(self, path: str | os.PathLike, tokenizer=None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from omni.data import indexed_dataset
+
+        IndexedDataset = indexed_dataset().IndexedDataset
 
         self.path = Path(path)
         mpath = self.path / "manifest.json"

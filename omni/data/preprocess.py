@@ -125,10 +125,11 @@ def longest_block(ids: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> int
 
 def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) -> dict:
     """Tokenize one shard into ``out/shards/NAME.*``; returns (and writes) its manifest entry."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    from omni.data import indexed_dataset
     from omni.data.samples import BadSample, parse_sample
     from omni.vocab import MODALITY_NAMES
+
+    IndexedDatasetBuilder = indexed_dataset().IndexedDatasetBuilder
 
     shard_dir = out / "shards"
     tmp_dir = out / ".tmp"

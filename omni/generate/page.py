@@ -12,6 +12,7 @@ import html
 import os
 from pathlib import Path
 
+from omni.errors import OmniError
 from omni.io import atomic_write_text
 from omni.vocab import Audio, Document, Image, Text
 
@@ -23,6 +24,9 @@ p { white-space: pre-wrap; margin: 0.4rem 0; }
 .omni-image { display: inline-block; width: 160px; height: 160px; border: 6px solid #1f4fd8;
               margin: 8px; image-rendering: pixelated; object-fit: contain; background: #fff; }
 audio { display: block; margin: 8px 0; }
+table { border-collapse: collapse; margin: 1rem 0; }
+td, th { border: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: left; }
+h2.omni-label { font-size: 1.1rem; color: #111; }
 """
 
 
@@ -42,11 +46,25 @@ def _save_audio(aud: Audio, path: Path) -> None:
 
 
 def write_page(entries: list[tuple[Document | None, Document]], out_html: str | os.PathLike,
-               title: str = "omni generations") -> Path:
-    """Write the HTML page, the Markdown twin and the assets; returns the HTML path."""
+               title: str = "omni generations", labels: list[str] | None = None,
+               summary: list[tuple[str, ...]] | None = None) -> Path:
+    """Write the HTML page, the Markdown twin and the assets; returns the HTML path.
+
+    ``labels``: a heading per entry (default: its number). ``summary``: rows of a table shown
+    first (the first row is the header).
+    """
     out_html = Path(out_html)
     assets = out_html.parent / f"{out_html.stem}_assets"
+    if labels is not None and len(labels) != len(entries):
+        raise OmniError(f"{len(labels)} labels for {len(entries)} entries")
     body, md = [], [f"# {title}\n"]
+    if summary:
+        head, *rows = summary
+        body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+        body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+        body.append("</table>")
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     counter = {"image": 0, "audio": 0}
 
     def render(doc: Document) -> tuple[list[str], list[str]]:
@@ -72,8 +90,9 @@ def write_page(entries: list[tuple[Document | None, Document]], out_html: str | 
         return h, m
 
     for i, (prompt, out) in enumerate(entries):
-        body.append("<section>")
-        md.append(f"## {i + 1}\n")
+        label = labels[i] if labels is not None else str(i + 1)
+        body += ["<section>", f"<h2 class=\"omni-label\">{html.escape(label)}</h2>"] if labels is not None else ["<section>"]
+        md.append(f"## {label}\n")
         if prompt is not None:
             ph, pm = render(prompt)
             body += ["<h2>prompt</h2>", *ph, "<h2>output</h2>"]

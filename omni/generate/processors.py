@@ -38,6 +38,8 @@ class RowState:
     """Codes emitted in the open block."""
     images: int = 0
     """Finished images."""
+    audios: int = 0
+    """Finished audio blocks."""
     tokens: list[int] = field(default_factory=list)
     """Emitted ids."""
 
@@ -86,7 +88,7 @@ class DecodeState:
                     r.count += 1
             elif r.mode == AUDIO_MODE:
                 if t == self.eoa:
-                    r.mode, closed[-1] = TEXT_MODE, "audio"
+                    r.mode, r.audios, closed[-1] = TEXT_MODE, r.audios + 1, "audio"
                 else:
                     r.count += 1
             if r.remaining <= 0 and r.mode != DONE:
@@ -131,6 +133,8 @@ class ModalityConstraint:
                 allow[state.eos] = False  # an image is still owed
         if self.has_audio and cfg.allow_audio and after >= 2:
             allow[state.boa] = True  # at least one code + <eoa> fit
+            if r.audios < cfg.min_audio:
+                allow[state.eos] = False  # an audio block is still owed
         return allow
 
     def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:

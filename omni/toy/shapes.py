@@ -42,6 +42,7 @@ import argparse
 import collections
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -169,6 +170,13 @@ def _check_size(size: int) -> None:
         raise OmniError(f"canvas size {size!r} is too small: expected an integer >= {MIN_CANVAS} pixels")
 
 
+def _check_grid(grid: int, size: int) -> None:
+    lo, hi = _size_range(size)
+    if not isinstance(grid, (int, np.integer)) or grid < 1 or hi // grid < -(-lo // grid):
+        raise OmniError(f"grid={grid!r} is invalid for a {size}px canvas: expected an integer >= 1 with a "
+                        f"multiple of it between the object sides {lo} and {hi} pixels")
+
+
 def _size_range(size: int) -> tuple[int, int]:
     """Object side lengths (pixels) drawn uniformly from [lo, hi]: about 1/6 to 3/8 of the canvas."""
     return max(8, size // 6), max(9, (3 * size) // 8)
@@ -203,24 +211,28 @@ def _draw(items: Sequence[tuple[str, str, tuple[int, int, int]]], size: int) -> 
     return np.asarray(im, dtype=np.uint8).copy(), boxes
 
 
-def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64) -> Scene:
+def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64, grid: int = 1) -> Scene:
     """A scene of the given ``(color, shape)`` objects at random sizes and positions.
 
-    Objects come out ordered left to right (their given order is not kept).
+    Objects come out ordered left to right (their given order is not kept). ``grid``: sides and
+    positions are multiples of this many pixels (1: any pixel). ``omni demo`` uses its image
+    tokenizer's patch size, so every object is drawn as one fixed pattern of whole patches.
     """
     _check_size(size)
     _check_seed(seed)
+    _check_grid(grid, size)
     objects = list(objects)
     if not 1 <= len(objects) <= MAX_OBJECTS:
         raise OmniError(f"a scene has 1 to {MAX_OBJECTS} objects, asked for {len(objects)}")
     _check_names([c for c, _ in objects], [s for _, s in objects])
     rng = np.random.default_rng([int(seed), size, 1])
     lo, hi = _size_range(size)
+    lo, hi = -(-lo // grid), hi // grid  # in grid units
     for _ in range(1000):
         placed: list[tuple[int, int, int]] = []
         for _obj in objects:
-            side = int(rng.integers(lo, hi + 1))
-            left, top = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            side = grid * int(rng.integers(lo, hi + 1))
+            left, top = (grid * int(v) for v in rng.integers(0, (size - side) // grid + 1, size=2))
             if any(left < pl + ps + GAP and pl < left + side + GAP and top < pt + ps + GAP and pt < top + side + GAP
                    for pl, pt, ps in placed):
                 break  # overlaps (or touches) an object placed before: draw the whole layout again
@@ -243,7 +255,7 @@ def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64) ->
 
 
 def scene(seed: int, n_objects: int | None = None, size: int = 64, colors: Iterable[str] | None = None,
-          shapes: Iterable[str] | None = None) -> Scene:
+          shapes: Iterable[str] | None = None, grid: int = 1) -> Scene:
     """The scene of ``seed``: ``n_objects`` (1..3; None: drawn from the seed) random colored shapes.
 
     ``colors`` and ``shapes`` restrict the names drawn from (default: all of :data:`COLORS`, :data:`SHAPES`).
@@ -257,7 +269,7 @@ def scene(seed: int, n_objects: int | None = None, size: int = 64, colors: Itera
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_OBJECTS:
         raise OmniError(f"n_objects={n_objects!r} is invalid: a scene has 1 to {MAX_OBJECTS} objects")
     objs = [(colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))]) for _ in range(n)]
-    return render(objs, seed=seed, size=size)
+    return render(objs, seed=seed, size=size, grid=grid)
 
 
 def is_heldout(scene_seed: int, heldout_fraction: float = _HELDOUT_FRACTION) -> bool:
@@ -310,6 +322,18 @@ def _truth_pairs(t) -> list[tuple[str, str]]:
     return [(c, s) for c, s in t]
 
 
+def _attribute_score(pred: list[tuple[str, str]], true: list[tuple[str, str]]) -> float:
+    """Right colors and shapes of the best one-to-one matching, over 2 * max(len(pred), len(true))."""
+    slots = max(len(pred), len(true))
+    if slots == 0:
+        return 1.0
+    pred = pred[:2 * MAX_OBJECTS]  # a runaway caption: its extra objects score zero anyway
+    best = 0
+    for perm in itertools.permutations(range(len(pred)), min(len(pred), len(true))):
+        best = max(best, sum((pred[i][0] == c) + (pred[i][1] == s) for i, (c, s) in zip(perm, true)))
+    return best / (2 * slots)
+
+
 def caption_accuracy(predicted: Sequence[str], truth: Sequence) -> dict[str, float]:
     """Compare predicted captions with the truth, scene by scene; order of objects never matters.
 
@@ -319,14 +343,20 @@ def caption_accuracy(predicted: Sequence[str], truth: Sequence) -> dict[str, flo
     * ``count``: the prediction names as many objects as there are;
     * ``colors`` / ``shapes``: the multiset of colors (of shapes) alone is right;
     * ``precision`` / ``recall``: of all predicted (true) pairs, the share matched by a true
-      (predicted) one, multiset intersection summed over scenes (1.0 when there are none).
+      (predicted) one, multiset intersection summed over scenes (1.0 when there are none);
+    * ``attributes``: attribute accuracy. Predicted objects are matched one to one with true ones
+      (the matching that scores best, so order never matters); each matched object scores one
+      for its right color and one for its right shape, over ``2 * max(n_pred, n_true)`` per scene
+      (a missing or extra object scores zero), averaged over scenes. A one-object caption with
+      uniformly random words scores (1/6 + 1/3) / 2 = 0.25.
     """
     if len(predicted) != len(truth):
         raise OmniError(f"{len(predicted)} predicted captions for {len(truth)} scenes")
     n = max(1, len(truth))
-    exact = count = colors = shapes = matched = n_pred = n_true = 0
+    exact = count = colors = shapes = matched = n_pred = n_true = attributes = 0
     for p, t in zip(predicted, truth):
         pp, tp = parse_caption(p), _truth_pairs(t)
+        attributes += _attribute_score(pp, tp)
         cp, ct = collections.Counter(pp), collections.Counter(tp)
         exact += cp == ct
         count += len(pp) == len(tp)
@@ -335,7 +365,8 @@ def caption_accuracy(predicted: Sequence[str], truth: Sequence) -> dict[str, flo
         matched += sum((cp & ct).values())
         n_pred, n_true = n_pred + len(pp), n_true + len(tp)
     return {"exact": exact / n, "count": count / n, "colors": colors / n, "shapes": shapes / n,
-            "precision": matched / n_pred if n_pred else 1.0, "recall": matched / n_true if n_true else 1.0}
+            "precision": matched / n_pred if n_pred else 1.0, "recall": matched / n_true if n_true else 1.0,
+            "attributes": attributes / n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,12 +422,13 @@ def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int 
 
 def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", seed: int = 0,
                  kinds: Sequence[str] = KINDS, scenes_per_shard: int = 1000, size: int = 64,
-                 sample_rate: int = 16000) -> list[Path]:
+                 sample_rate: int = 16000, resume: bool = False, grid: int = 1) -> list[Path]:
     """Write ``n_scenes`` scenes of ``split`` as ``out/shapes-SPLIT-000.tar`` ... (WebDataset).
 
     Each scene gives one sample per kind in ``kinds`` (see :data:`KINDS`), keys
     ``SPLIT-<scene seed in hex>-KIND``. Each shard is written to a temp file and renamed, so a
-    shard that exists is whole. Returns the shard paths.
+    shard that exists is whole: with ``resume`` such shards are kept, not written again (the
+    caller keeps the arguments the same). Returns the shard paths.
     """
     import webdataset as wds
 
@@ -408,6 +440,7 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     if scenes_per_shard < 1:
         raise OmniError(f"scenes_per_shard must be >= 1, got {scenes_per_shard}")
     _check_size(size)
+    _check_grid(grid, size)
     seeds = scene_seeds(n_scenes, split, seed)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -415,16 +448,18 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     for j, first in enumerate(range(0, len(seeds), scenes_per_shard)):
         path = d / f"shapes-{split}-{j:03d}.tar"
         tmp = d / f".{path.name}.tmp"
+        paths.append(path)
+        if resume and path.is_file():
+            continue
         try:
             with wds.TarWriter(str(tmp)) as w:
                 for s in seeds[first : first + scenes_per_shard]:
-                    for sample in samples(scene(s, size=size), f"{split}-{s:x}", kinds, sample_rate):
+                    for sample in samples(scene(s, size=size, grid=grid), f"{split}-{s:x}", kinds, sample_rate):
                         w.write(sample)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
-        paths.append(path)
     return paths
 
 
