@@ -45,15 +45,15 @@ def test_small_demo_writes_page_and_figures_above_chance(small_demo):
     out, _, printed = small_demo
     m = json.loads((out / "metrics.json").read_text())
     assert m["budget"] == "small" and m["eval_scenes"] == 30
-    # the figures that the small budget learns beat the same task answered for another held-out
-    # scene by a clear margin. Caption-to-image and stories are still at chance after the small
-    # budget (and only a few points above it at the default one): issue #9 stays open on them.
+    # each figure beats the same task answered for another scene of the held-out set
     for task in ("image_to_caption", "speech_to_text"):
         assert m[task]["attribute_accuracy"] > m[task]["chance_attribute_accuracy"] + 0.08, (task, m[task])
     tts = m["text_to_speech"]["roundtrip"]
     assert tts["attribute_accuracy"] > tts["chance_attribute_accuracy"], tts
-    for fig in (m["caption_to_image"]["correct"], m["caption_to_image"]["chance_correct"], m["story"]["steps_correct"]):
-        assert 0.0 <= fig <= 1.0
+    assert m["caption_to_image"]["correct"] > m["caption_to_image"]["chance_correct"], m["caption_to_image"]
+    # stories (several images from one prompt) are above chance only at the default budget (29% vs 5%);
+    # after the small one they sit at chance: issue #9 says so
+    assert 0.0 <= m["story"]["steps_correct"] <= 1.0
     assert m["caption_to_image"]["judge_on_real_scenes"] >= 0.95  # the judge itself reads real scenes
     assert m["text_to_speech"]["with_audio"] == 1.0
     assert set(m["seconds"]) >= {"world", "image", "audio", "pretrain", "evaluate", "total"}
@@ -69,7 +69,7 @@ def test_small_demo_writes_page_and_figures_above_chance(small_demo):
     assert n_img >= 4 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
     assert page.count("<img") == n_img and page.count("<audio") == n_wav
     cfg = (out / "config.yaml").read_text()
-    assert "canvas: 32" in cfg and "steps: 200" in cfg  # the resolved config, small budget included
+    assert "canvas: 32" in cfg and "steps: 500" in cfg  # the resolved config, small budget included
 
 
 def test_killed_demo_resumes_where_it_stopped(small_demo):
@@ -79,7 +79,7 @@ def test_killed_demo_resumes_where_it_stopped(small_demo):
     # the cut-off stage runs again, from the checkpoint the killed run wrote
     assert "decoder pretraining ..." in second and "resuming pretraining from model/step_" in second
     steps = [json.loads(ln)["step"] for ln in (out / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 200
+    assert steps == sorted(set(steps)) and steps[-1] == 500
     state = json.loads((out / "demo_state.json").read_text())
     assert list(state["done"]) == ["world", "text", "image", "audio", "bundle", "judge", "preprocess",
                                    "pretrain", "evaluate"]

@@ -325,3 +325,22 @@ def test_encoding_never_changes_an_untrained_tokenizer(tmp_path, text_tokenizer)
     again = omni.UnifiedTokenizer.load(tmp_path / "b")  # refused if the weights changed after build
     assert again.fingerprint == before
     assert torch.equal(again.encode(omni.Document([x])), ids)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_local_encoder_codes_depend_on_their_patch_alone(local):
+    """local_encoder: changing every pixel outside patch (0, 0) leaves that patch's latent as it was;
+    the usual conv encoder (the control) lets the neighbors in."""
+    from omni.tokenizers.image import VQImageTokenizer
+
+    torch.manual_seed(0)
+    tok = VQImageTokenizer(tiny(local_encoder=local)).eval()
+    f = tok.config.downsample
+    a = torch.rand(1, 3, *tok.image_size)
+    b = torch.rand(1, 3, *tok.image_size)
+    b[..., :f, :f] = a[..., :f, :f]
+    with torch.no_grad():
+        za, zb = tok.encoder(tok._to_model(a)), tok.encoder(tok._to_model(b))
+    assert za.shape == zb.shape == (1, tok.config.latent_channels, *tok.grid)
+    assert torch.allclose(za[..., 0, 0], zb[..., 0, 0], atol=1e-5) == local
+    assert not torch.allclose(za[..., 1, 1], zb[..., 1, 1])  # other patches did change

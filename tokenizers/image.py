@@ -130,6 +130,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ImageTokenizerConfig):
         super().__init__()
         g, ch, mult = cfg.norm_groups, cfg.base_channels, cfg.channel_multiplier
+        self.local, self.f = cfg.local_encoder, cfg.downsample
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         res, block_in = cfg.image_size, ch
         self.down = nn.ModuleList()
@@ -154,6 +155,16 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.local:
+            return self._encode(x)
+        B, C, H, W = x.shape
+        f = self.f
+        # [B,3,H,W] -> [B*h*w,3,f,f]: every patch alone, so no code sees a neighbor
+        p = x.reshape(B, C, H // f, f, W // f, f).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, f, f)
+        z = self._encode(p)  # [B*h*w, D, 1, 1]
+        return z.reshape(B, H // f, W // f, -1).permute(0, 3, 1, 2)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level, down in enumerate(self.down):
             for i, block in enumerate(down.block):

@@ -55,6 +55,11 @@ class ImageTokenizerConfig:
     """fsq: quantization levels per channel; codebook_size = their product (8,5,5,5 -> 1000)."""
     lfq_entropy_weight: float = 0.1
     """lfq: weight of the entropy loss that spreads codes over the codebook."""
+    local_encoder: bool = False
+    """Encode every f x f patch on its own (f = downsample), so a code depends on its patch's pixels
+    alone: the same patch always gets the same code. Neighbors leaking into codes let a decoder LM
+    read what comes next from the codes instead of from the prompt (omni demo's toy world draws
+    objects on whole patches and turns this on). False: the usual overlapping conv encoder."""
     has_decoder: bool = True
     """Whether the tokenizer has a pixel decoder (False for an import of Hugging Face's Chameleon, which ships none)."""
 
