@@ -163,9 +163,9 @@ def _world(out: Path, cfg) -> None:
     # each kind draws its scenes from its own seed stream; all of them from the train split
     for k, (kind, n) in enumerate(zip(KINDS, (w.caption_scenes, w.speech_scenes, w.story_scenes))):
         shapes.write_shards(d / kind, n, "train", seed=k, kinds=[kind], scenes_per_shard=1000, size=w.canvas,
-                            grid=w.grid, resume=True)
+                            grid=w.grid, order=w.order, resume=True)
     lines = []
-    for sc in shapes.scenes(w.caption_scenes, "train", seed=0, size=w.canvas, grid=w.grid):
+    for sc in shapes.scenes(w.caption_scenes, "train", seed=0, size=w.canvas, grid=w.grid, order=w.order):
         lines += [sc.caption, "draw " + ", then ".join(o.phrase for o in sc.objects) + "."]
     atomic_write_text(d / "text.txt", "\n".join(lines) + "\n")
 
@@ -282,7 +282,7 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     import dataclasses
 
     from omni.checkpoint import load
-    from omni.generate.generator import generate
+    from omni.generate.generator import generate, rerank_scores
     from omni.generate.page import write_page
     from omni.io import atomic_write_text
     from omni.toy import shapes
@@ -292,13 +292,13 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     w, g = cfg.demo, cfg.generate
     model, tok = load(_newest_checkpoint(out))
     judge = Judge.load(out / "judge")
-    scenes = shapes.scenes(w.eval_scenes, "heldout", seed=0, size=w.canvas, grid=w.grid)
+    scenes = shapes.scenes(w.eval_scenes, "heldout", seed=0, size=w.canvas, grid=w.grid, order=w.order)
     captions = [sc.caption for sc in scenes]
     n_img = tok.vocab.image_grid[0] * tok.vocab.image_grid[1]
     greedy = dataclasses.replace(g.text, temperature=0.0)
 
-    def run(prompts, **kw):
-        return generate(model, tok, prompts, dataclasses.replace(g, **kw))
+    def run(prompts, on_token=None, **kw):
+        return generate(model, tok, prompts, dataclasses.replace(g, **kw), on_token=on_token)
 
     only_text = dict(allow_images=False, allow_audio=False, text=greedy, max_new_tokens=48)
     t = time.time()
@@ -306,11 +306,21 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     cap_docs = run([Document([Image(sc.image)]) for sc in scenes], **only_text)
     cap_pred = _texts(cap_docs)
     # caption -> image
-    img_docs = run(captions, allow_text=False, allow_audio=False, min_images=1, max_images=1,
-                   max_new_tokens=n_img + 2)
-    gen_images = [_to_uint8(m[0]) if m else np.full((w.canvas, w.canvas, 3), 255, np.uint8)
-                  for m in _media(img_docs, Image)]
+    # every candidate (rows i*N+k), then the one the model reads back as its caption best (= rerank=N)
+    N = w.image_rerank
+    rows: dict[int, list[int]] = {}
+    all_docs = run([c for c in captions for _ in range(N)], allow_text=False, allow_audio=False, min_images=1,
+                   max_images=1, max_new_tokens=n_img + 2, on_token=lambda b, i: rows.setdefault(b, []).append(i))
+    best = (rerank_scores(model, tok, [Document([Text(c)]) for c in captions], [rows[j] for j in range(len(all_docs))],
+                          N).argmax(1).tolist() if N > 1 else [0] * len(captions))
+    img_docs = [all_docs[i * N + k] for i, k in enumerate(best)]
+
+    def blank_or(docs):
+        return [_to_uint8(m[0]) if m else np.full((w.canvas, w.canvas, 3), 255, np.uint8) for m in _media(docs, Image)]
+
+    gen_images = blank_or(img_docs)
     img_ok = [judge.correct(im, c) for im, c in zip(gen_images, captions)]
+    first_ok = [judge.correct(im, c) for im, c in zip(blank_or(all_docs[::N]), captions)]
     real_ok = [judge.correct(sc.image, c) for sc, c in zip(_roll(scenes), captions)]
     # speech -> text
     waves = [sc.speech() for sc in scenes]
@@ -351,6 +361,8 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
         "caption_to_image": {
             "correct": float(np.mean(img_ok)),
             **{f"correct_{n}_objects": float(np.mean(v)) for n, v in by_n.items() if v},
+            "rerank": N,
+            "correct_first_candidate": float(np.mean(first_ok)),
             "chance_correct": float(np.mean(real_ok)),
             "judge_on_real_scenes": judge.evaluate(scenes)["exact"],
         },

@@ -111,6 +111,39 @@ def test_seeded_sampling_is_reproducible_and_streams_segments(tokenizer, tiny_mo
     assert segments
 
 
+def test_rerank_keeps_the_candidate_that_best_explains_the_prompt(tokenizer, tiny_model_config):
+    """rerank=N samples rows i*N+k (the same rows as N copies of each prompt at rerank=1) and keeps,
+    per prompt, the candidate with the highest log p(prompt text, <eos> | <bos>, its media blocks)."""
+    model = _model(tiny_model_config, 0)
+    sp = tokenizer.vocab.specials
+    prompts, n = ["a red circle", "two blue squares"], 4
+    cfg = GenerateConfig(max_new_tokens=40, allow_text=False, allow_audio=False, min_images=1, max_images=1, seed=3)
+    rows: dict[int, list[int]] = {}
+    plain = omni.generate(model, tokenizer, [p for p in prompts for _ in range(n)], cfg,
+                          on_token=lambda b, t: rows.setdefault(b, []).append(t))
+
+    def score(prompt: str, ids: list[int]) -> float:  # one sequence at a time, no padding
+        images, _ = _blocks(ids, tokenizer)
+        seq = [sp["<bos>"]] + [t for b in images for t in [sp["<boi>"], *b, sp["<eoi>"]]]
+        target = tokenizer.encode_text(prompt) + [sp["<eos>"]]
+        x = torch.tensor([seq + target])
+        with torch.no_grad():
+            logp = model(x).logits[0].float().log_softmax(-1)
+        return float(sum(logp[len(seq) - 1 + i, t] for i, t in enumerate(target)))
+
+    chosen = omni.generate(model, tokenizer, prompts, cfg, rerank=n)
+    picks = []
+    for i, p in enumerate(prompts):
+        scores = [score(p, rows[i * n + k]) for k in range(n)]
+        assert len(set(np.round(scores, 4))) == n  # the candidates differ
+        picks.append(int(np.argmax(scores)))
+        best = plain[i * n + picks[-1]]
+        np.testing.assert_array_equal(chosen[i].images[0].pixels, best.images[0].pixels)
+    assert picks != [0] * len(prompts), picks  # not simply the first sample
+    with pytest.raises(Exception, match="rerank=0 is invalid"):
+        GenerateConfig(rerank=0)
+
+
 def test_prompt_overflow(tokenizer, tiny_model_config):
     model = _model(tiny_model_config, 0)
     long = "word " * 400

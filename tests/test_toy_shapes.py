@@ -47,6 +47,18 @@ def test_captions_name_every_object_left_to_right():
         centers = [o.box[0] + o.box[2] for o in sc.objects]
         assert centers == sorted(centers)
         assert sc.caption.count(" and ") == (len(sc.objects) > 1) and sc.caption.count(",") == max(0, len(sc.objects) - 2)
+    # reading order: by top edge then left edge (the order raster-scanned image codes meet the objects);
+    # the same layout as left to right, only named in another order
+    moved = 0
+    for a, b in zip(toy.scenes(150, "train", seed=1, size=32, grid=4),
+                    toy.scenes(150, "train", seed=1, size=32, grid=4, order="reading")):
+        assert np.array_equal(a.image, b.image) and sorted(a.pairs) == sorted(b.pairs)
+        tops = [(o.box[1], o.box[0]) for o in b.objects]
+        assert tops == sorted(tops) and toy.parse_caption(b.caption) == b.pairs
+        moved += a.pairs != b.pairs
+    assert moved >= 20
+    with pytest.raises(OmniError, match="order='diagonal' is invalid: choose from left_to_right, reading"):
+        toy.scene(1, order="diagonal")
     sc = toy.render([("blue", "square"), ("orange", "circle"), ("red", "triangle")], seed=3)
     assert sorted(sc.pairs) == [("blue", "square"), ("orange", "circle"), ("red", "triangle")]
     assert "an orange circle" in sc.caption and sc.caption.startswith("a ") and ", " in sc.caption

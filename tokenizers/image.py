@@ -16,7 +16,8 @@ Quantizers (``config.quantizer``), all but one from vector-quantize-pytorch:
 * ``vq``: ``VectorQuantize`` with l2-normalized (cosine) codes looked up in a low dimension
   (Yu et al., "Vector-quantized Image Modeling with Improved VQGAN", https://arxiv.org/abs/2110.04627),
   EMA codebook updates, k-means initialization and dead-code restarts.
-* ``fsq``: finite scalar quantization (Mentzer et al. 2023, https://arxiv.org/abs/2309.15505).
+* ``fsq``: finite scalar quantization (Mentzer et al. 2023, https://arxiv.org/abs/2309.15505),
+  optionally with MAGVIT-v2's entropy loss over its implicit codebook (:func:`fsq_entropy_loss`).
 * ``lfq``: lookup-free quantization (Yu et al., MAGVIT-v2, https://arxiv.org/abs/2310.05737).
 * ``nearest``: the plain VQ-VAE codebook (``nn.Embedding`` + nearest neighbour in l2), written
   here because Chameleon's codes must come out bit-for-bit equal: it evaluates the distance with
@@ -280,6 +281,29 @@ def build_quantizer(cfg: ImageTokenizerConfig) -> nn.Module:
                entropy_loss_weight=cfg.lfq_entropy_weight, commitment_loss_weight=cfg.commitment_weight)
 
 
+def fsq_entropy_loss(fsq: nn.Module, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MAGVIT-v2's entropy penalty (Yu et al. 2023, https://arxiv.org/abs/2310.05737, eq. 5) on an
+    FSQ's implicit codebook: E[H(q(c|z))] - H(E[q(c|z)]), with q a softmax over negative squared
+    distances between the bounded latent and every code. The first term makes each assignment
+    confident, the second spreads the batch over the codebook.
+
+    ``fsq``: vector-quantize-pytorch's ``FSQ``; ``z``: its input [..., dim]. The bound is FSQ's
+    eq. (1) before rounding, ``tanh(z + shift) * half_l - offset``, scaled like its codes
+    (``implicit_codebook``, [n_codes, d] in [-1,1]). Cost: one [N, n_codes] distance matrix.
+    """
+    levels = fsq._levels.to(z.dtype)  # [d]
+    zin = fsq.project_in(z).reshape(-1, levels.numel())  # [N,d]
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(fsq._levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+    bounded = (torch.tanh(zin + torch.atanh(offset / half_l)) * half_l - offset) / (fsq._levels // 2)  # [N,d]
+    d2 = torch.cdist(bounded, fsq.implicit_codebook.to(z.dtype)).square()  # [N,n_codes]
+    logp = F.log_softmax(-d2 / temperature, dim=-1)
+    per_sample = -(logp.exp() * logp).sum(-1).mean()  # E[H(q)]
+    mean_p = logp.exp().mean(0)  # [n_codes], the batch's code distribution
+    batch = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()  # H(E[q])
+    return per_sample - batch
+
+
 class VQImageTokenizer(nn.Module, ImageTokenizer):
     """Images in [0,1] <-> a fixed grid of discrete codes. See the module docstring for the layout."""
 
@@ -337,8 +361,12 @@ class VQImageTokenizer(nn.Module, ImageTokenizer):
                             f"(resize other sizes with .preprocess)")
         return images.float() * 2 - 1
 
-    def quantize_latent(self, h: torch.Tensor):
-        """encoder output [B,latent,h,w] -> (code vectors [B,embed,h,w], codes [B,h,w], quantizer loss)."""
+    def quantize_latent(self, h: torch.Tensor, fsq_entropy: tuple[float, float] | None = None):
+        """encoder output [B,latent,h,w] -> (code vectors [B,embed,h,w], codes [B,h,w], quantizer loss).
+
+        ``fsq_entropy``: ``(weight, temperature)`` of :func:`fsq_entropy_loss`, added to an FSQ's
+        loss in training (a training setting, ImageTrainConfig's, so it is not saved with the model).
+        """
         z = self.quant_conv(h)
         kind = self.config.quantizer
         if kind == "nearest":
@@ -350,6 +378,9 @@ class VQImageTokenizer(nn.Module, ImageTokenizer):
         elif kind == "fsq":
             zq, codes = self.quantize(seq)
             loss = seq.new_zeros(())
+            if self.training and fsq_entropy is not None:
+                weight, temperature = fsq_entropy
+                loss = weight * fsq_entropy_loss(self.quantize, seq, temperature)
         else:  # lfq
             zq, codes, loss = self.quantize(seq)
         zq = zq.transpose(1, 2).reshape(b, d, gh, gw)
@@ -372,9 +403,9 @@ class VQImageTokenizer(nn.Module, ImageTokenizer):
         """code vectors [B,embed,h,w] -> images [B,3,H,W] in model space (about [-1,1])."""
         return self.decoder(self.post_quant_conv(zq))
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, fsq_entropy: tuple[float, float] | None = None):
         """Training pass: images [B,3,H,W] in [0,1] -> (reconstruction in [-1,1] space, codes, quantizer loss)."""
-        zq, codes, qloss = self.quantize_latent(self.encoder(self._to_model(images)))
+        zq, codes, qloss = self.quantize_latent(self.encoder(self._to_model(images)), fsq_entropy)
         return self.decode_latent(zq), codes, qloss
 
     # --- save / load ------------------------------------------------------------------------

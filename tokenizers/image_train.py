@@ -627,13 +627,14 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not progress, desc="image tokenizer",
                unit="step")
+    fsq_entropy = (cfg.fsq_entropy_weight, cfg.fsq_entropy_temperature) if cfg.fsq_entropy_weight > 0 else None
     try:
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, cfg)
             x = sampler.batch(step)
             target = x * 2 - 1
-            recon, codes, qloss = tok(x)
+            recon, codes, qloss = tok(x, fsq_entropy)
             rec = recon_fn(recon, target)
             loss = rec + cfg.quantizer_loss_weight * qloss
             terms = {"rec": rec.item(), "quant": qloss.item()}

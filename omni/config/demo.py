@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omni.config.base import check
+from omni.config.base import check, check_choice
+from omni.toy.shapes import ORDERS
 
 
 @dataclass
@@ -17,6 +18,10 @@ class DemoConfig:
     """Object sides and positions are multiples of this many pixels: with the image tokenizer's
     patch size (4 at 4x downsampling) every object is one fixed pattern of whole patches, which a
     model trained for minutes can learn to draw (1: any pixel)."""
+    order: str = "reading"
+    """Order objects are named in by captions, speech and stories (omni.toy.shapes.ORDERS):
+    'reading' (top edge, then left edge) is the order the model draws them in, row by row of image
+    codes, so the caption says which object comes next; 'left_to_right' by box center."""
     caption_scenes: int = 4000
     """Training scenes written as image-caption pairs (both orders: captioning and caption-to-image)."""
     speech_scenes: int = 1500
@@ -29,6 +34,9 @@ class DemoConfig:
     """Blend weight of the speech documents in pretraining."""
     story_weight: float = 0.15
     """Blend weight of the story documents in pretraining."""
+    image_rerank: int = 1
+    """Caption to image: candidates sampled per caption; the one the model itself reads back as the
+    caption best is kept (GenerateConfig.rerank). metrics.json also keeps the first candidate's score."""
     judge_scenes: int = 600
     """Scenes the image judge (omni.toy.judge) is trained on; it reads generated images."""
     eval_scenes: int = 100
@@ -51,3 +59,5 @@ class DemoConfig:
         check(self.caption_weight + self.speech_weight + self.story_weight > 0, "caption_weight",
               self.caption_weight, "a positive sum of caption_weight, speech_weight and story_weight")
         check(self.show >= 0, "show", self.show, ">= 0")
+        check_choice(self.order, "order", ORDERS)
+        check(self.image_rerank >= 1, "image_rerank", self.image_rerank, ">= 1 (1: no reranking)")

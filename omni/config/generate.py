@@ -56,6 +56,11 @@ class GenerateConfig:
     """Allow <boa> (starting an audio block)."""
     prompt_overflow: str = "error"
     """A prompt longer than the context: 'error', or 'truncate' (keep its last tokens)."""
+    rerank: int = 1
+    """Best of N: sample this many candidates per prompt and keep the one whose images and audio
+    best explain the prompt's text, by the model's own log p(prompt text | generated media) (DALL-E's
+    reranking, with the model itself as the scorer: it learns both directions of every pair).
+    1: no reranking. Costs N times the sampling plus one scoring pass."""
     seed: int = 0
     """Seed of the sampler: the same seed and inputs give the same output."""
 
@@ -68,4 +73,5 @@ class GenerateConfig:
         check(self.max_audio_tokens >= 1, "max_audio_tokens", self.max_audio_tokens, ">= 1")
         check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, ">= 0")
         check(self.audio_cfg_scale >= 0, "audio_cfg_scale", self.audio_cfg_scale, ">= 0")
+        check(self.rerank >= 1, "rerank", self.rerank, ">= 1 (1: no reranking)")
         check_choice(self.prompt_overflow, "prompt_overflow", ("error", "truncate"))

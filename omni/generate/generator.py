@@ -14,6 +14,12 @@ Classifier-free guidance: every prompt gets a second, unconditional row in the s
 its own cache. Its context is the prompt with every text segment dropped (``<bos>`` and the
 prompt's images/audio, if any), followed by the same tokens the conditional row generates; inside
 image (audio) blocks the logits become ``c + (s - 1)(c - u)``.
+
+Reranking (``rerank: N``): every prompt is sampled N times (rows ``i * N + k``, which is what
+``on_token`` / ``on_segment`` see), then each candidate is scored by the same model reading the
+other way: ``<bos>`` + the candidate's image/audio blocks + the prompt's text + ``<eos>``, summing
+log p over the text and ``<eos>``. The best candidate per prompt is returned (the first on ties;
+a prompt without text keeps its first candidate).
 """
 
 from __future__ import annotations
@@ -78,7 +84,54 @@ def generate(
     prompts = [Document([Text(p)]) if isinstance(p, str) else p for p in prompts]
     if not prompts:
         raise OmniError("generate needs at least one prompt")
+    n = config.rerank
+    rows = _sample(model, tok, [p for p in prompts for _ in range(n)], config, on_token, on_segment)
+    if n > 1:
+        best = rerank_scores(model, tok, prompts, rows, n).argmax(1).tolist()  # [P]
+        rows = [rows[i * n + k] for i, k in enumerate(best)]
+    eos = tok.vocab.special("<eos>")
+    docs = [tok.decode([t for t in r if t != eos]) for r in rows]
+    return docs[0] if single else docs
 
+
+@torch.inference_mode()
+def rerank_scores(model, tok, prompts: list[Document], rows: list[list[int]], n: int) -> torch.Tensor:
+    """[P, n] log p(prompt text, <eos> | <bos>, candidate's media blocks) for candidates
+    ``rows[i * n + k]`` of prompt ``i``; all zeros for a prompt without text (nothing to explain)."""
+    v = tok.vocab
+    sp = v.specials
+    opens = {sp["<boi>"]: sp["<eoi>"], sp["<boa>"]: sp["<eoa>"]}
+    seqs, spans = [], []
+    for j, r in enumerate(rows):
+        text = tok.encode_text(prompts[j // n].text) if prompts[j // n].text else []
+        media, block = [], None
+        for t in r:  # keep whole blocks only: an unfinished one explains nothing
+            if block is None and t in opens:
+                block = [t]
+            elif block is not None:
+                block.append(t)
+                if t == opens[block[0]]:
+                    media.extend(block)
+                    block = None
+        seq = [sp["<bos>"]] + media + text + [sp["<eos>"]]
+        seqs.append(torch.tensor(seq))
+        spans.append((1 + len(media), len(seq)) if text else (len(seq), len(seq)))
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), sp["<pad>"], dtype=torch.long)  # right-padded: causal rows ignore it
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)] = s
+    device = next(model.parameters()).device
+    scores = torch.zeros(len(seqs))
+    for c in range(0, len(seqs), 64):  # [64, L, V] logits at a time
+        logp = model(ids[c:c + 64].to(device)).logits.float().log_softmax(-1).cpu()  # [b, L, V]
+        for j in range(c, min(c + 64, len(seqs))):
+            a, e = spans[j]  # target positions a..e-1 are predicted at a-1..e-2
+            scores[j] = logp[j - c, a - 1:e - 1].gather(-1, ids[j, a:e, None]).sum()
+    return scores.reshape(len(prompts), n)
+
+
+def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_token, on_segment) -> list[list[int]]:
+    """The generated ids of every prompt (the decoding loop of the module docstring)."""
     v = tok.vocab
     max_len = getattr(model.config, "max_seq_len", None) or 1 << 30
     cond = [tok.encode(p) for p in prompts]
@@ -121,11 +174,7 @@ def generate(
         new_doc = torch.zeros(feed.shape[0], 1, dtype=torch.long, device=device)
         logits = model(feed[:, None].to(device), doc_ids=new_doc, cache=cache).logits[:, -1].float()
 
-    docs = []
-    for r in state.rows:
-        tokens = [t for t in r.tokens if t != v.special("<eos>")]
-        docs.append(tok.decode(tokens))
-    return docs[0] if single else docs
+    return [list(r.tokens) for r in state.rows]
 
 
 def _truncate(ids: torch.Tensor, keep: int, vocab) -> torch.Tensor:

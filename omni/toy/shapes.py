@@ -8,8 +8,9 @@ scene carries
 
 * ``image``: uint8 [H,W,3];
 * ``objects``: ``(shape, color, box)`` with ``box = (x0, y0, x1, y1)`` the tight box of the drawn
-  pixels, end-exclusive (``x0 <= x < x1``), ordered left to right by box center;
-* ``caption``: simple English naming every object left to right, "a red circle",
+  pixels, end-exclusive (``x0 <= x < x1``), ordered left to right by box center (``order="reading"``:
+  by top edge, then left edge, the order a raster scan meets them);
+* ``caption``: simple English naming every object in that order, "a red circle",
   "a red circle and a blue square", "a green triangle, a red circle and an orange square";
 * ``speech()``: the caption spoken by :func:`omni.toy.speech.synthesize`, with voice, speed and
   pitch drawn from the scene seed (same seed, same wave; the synthesizer caches).
@@ -67,6 +68,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 """Shape names."""
 KINDS = ("caption", "speech", "story", "spoken")
+ORDERS = ("left_to_right", "reading")
+"""Orders objects (and so captions and stories) can come in: by box center left to right, or in
+reading order (top edge, then left edge: the order a raster-scan image model draws them in)."""
 """Sample kinds :func:`write_shards` can write (see the module docstring)."""
 MIN_CANVAS = 32
 """Smallest canvas side (pixels): below it three shapes large enough to tell apart do not fit."""
@@ -103,7 +107,7 @@ class Scene:
     image: np.ndarray
     """uint8 [H,W,3]."""
     objects: tuple[Obj, ...]
-    """Left to right by box center."""
+    """Left to right by box center, or in reading order (see :func:`render`)."""
     voice: str
     """espeak-ng voice of :meth:`speech` ("en-us+f3")."""
     speed: int
@@ -119,7 +123,7 @@ class Scene:
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
-        """``[(color, shape)]`` of the objects, left to right."""
+        """``[(color, shape)]`` of the objects, in their order."""
         return [(o.color, o.shape) for o in self.objects]
 
     def speech(self) -> tuple[np.ndarray, int]:
@@ -177,6 +181,11 @@ def _check_grid(grid: int, size: int) -> None:
                         f"multiple of it between the object sides {lo} and {hi} pixels")
 
 
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise OmniError(f"order={order!r} is invalid: choose from {', '.join(ORDERS)}")
+
+
 def _size_range(size: int) -> tuple[int, int]:
     """Object side lengths (pixels) drawn uniformly from [lo, hi]: about 1/6 to 3/8 of the canvas."""
     return max(8, size // 6), max(9, (3 * size) // 8)
@@ -211,16 +220,20 @@ def _draw(items: Sequence[tuple[str, str, tuple[int, int, int]]], size: int) -> 
     return np.asarray(im, dtype=np.uint8).copy(), boxes
 
 
-def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64, grid: int = 1) -> Scene:
+def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64, grid: int = 1,
+           order: str = "left_to_right") -> Scene:
     """A scene of the given ``(color, shape)`` objects at random sizes and positions.
 
-    Objects come out ordered left to right (their given order is not kept). ``grid``: sides and
+    Objects come out in ``order`` (their given order is not kept): 'left_to_right' by box center,
+    or 'reading' by top edge then left edge, the order in which a model generating image codes
+    row by row starts them (captions that follow it tell that model what comes next). ``grid``: sides and
     positions are multiples of this many pixels (1: any pixel). ``omni demo`` uses its image
     tokenizer's patch size, so every object is drawn as one fixed pattern of whole patches.
     """
     _check_size(size)
     _check_seed(seed)
     _check_grid(grid, size)
+    _check_order(order)
     objects = list(objects)
     if not 1 <= len(objects) <= MAX_OBJECTS:
         raise OmniError(f"a scene has 1 to {MAX_OBJECTS} objects, asked for {len(objects)}")
@@ -241,8 +254,10 @@ def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64, gr
             break
     else:  # pragma: no cover - 3 objects of at most 3/8 of the canvas always fit quickly
         raise OmniError(f"could not place {len(objects)} objects on a {size}px canvas")
-    items = sorted(((s, c, p) for (c, s), p in zip(objects, placed)), key=lambda it: (2 * it[2][0] + it[2][2],
-                                                                                       it[2][1]))
+    # it = (shape, color, (left, top, side))
+    key = ((lambda it: (2 * it[2][0] + it[2][2], it[2][1])) if order == "left_to_right"
+           else (lambda it: (it[2][1], it[2][0])))
+    items = sorted(((s, c, p) for (c, s), p in zip(objects, placed)), key=key)
     image, boxes = _draw(items, size)
     from omni.toy.speech import VARIANTS, VOICES
 
@@ -255,7 +270,7 @@ def render(objects: Sequence[tuple[str, str]], seed: int = 0, size: int = 64, gr
 
 
 def scene(seed: int, n_objects: int | None = None, size: int = 64, colors: Iterable[str] | None = None,
-          shapes: Iterable[str] | None = None, grid: int = 1) -> Scene:
+          shapes: Iterable[str] | None = None, grid: int = 1, order: str = "left_to_right") -> Scene:
     """The scene of ``seed``: ``n_objects`` (1..3; None: drawn from the seed) random colored shapes.
 
     ``colors`` and ``shapes`` restrict the names drawn from (default: all of :data:`COLORS`, :data:`SHAPES`).
@@ -269,7 +284,7 @@ def scene(seed: int, n_objects: int | None = None, size: int = 64, colors: Itera
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_OBJECTS:
         raise OmniError(f"n_objects={n_objects!r} is invalid: a scene has 1 to {MAX_OBJECTS} objects")
     objs = [(colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))]) for _ in range(n)]
-    return render(objs, seed=seed, size=size, grid=grid)
+    return render(objs, seed=seed, size=size, grid=grid, order=order)
 
 
 def is_heldout(scene_seed: int, heldout_fraction: float = _HELDOUT_FRACTION) -> bool:
@@ -422,7 +437,8 @@ def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int 
 
 def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", seed: int = 0,
                  kinds: Sequence[str] = KINDS, scenes_per_shard: int = 1000, size: int = 64,
-                 sample_rate: int = 16000, resume: bool = False, grid: int = 1) -> list[Path]:
+                 sample_rate: int = 16000, resume: bool = False, grid: int = 1,
+                 order: str = "left_to_right") -> list[Path]:
     """Write ``n_scenes`` scenes of ``split`` as ``out/shapes-SPLIT-000.tar`` ... (WebDataset).
 
     Each scene gives one sample per kind in ``kinds`` (see :data:`KINDS`), keys
@@ -441,6 +457,7 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
         raise OmniError(f"scenes_per_shard must be >= 1, got {scenes_per_shard}")
     _check_size(size)
     _check_grid(grid, size)
+    _check_order(order)
     seeds = scene_seeds(n_scenes, split, seed)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -454,7 +471,7 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
         try:
             with wds.TarWriter(str(tmp)) as w:
                 for s in seeds[first : first + scenes_per_shard]:
-                    for sample in samples(scene(s, size=size, grid=grid), f"{split}-{s:x}", kinds, sample_rate):
+                    for sample in samples(scene(s, size=size, grid=grid, order=order), f"{split}-{s:x}", kinds, sample_rate):
                         w.write(sample)
             os.replace(tmp, path)
         finally:
