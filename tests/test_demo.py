@@ -53,7 +53,7 @@ def test_small_demo_writes_page_and_figures_above_chance(small_demo):
     assert m["caption_to_image"]["correct"] > m["caption_to_image"]["chance_correct"], m["caption_to_image"]
     assert m["story"]["steps_correct"] > m["story"]["chance_steps_correct"], m["story"]
     c2i = m["caption_to_image"]  # best of demo.image_rerank samples; the first sample is kept as a figure too
-    assert c2i["rerank"] == 8 and c2i["correct"] >= c2i["correct_first_candidate"] - 0.1, c2i
+    assert c2i["rerank"] == 16 and c2i["correct"] >= c2i["correct_first_candidate"] - 0.1, c2i
     assert m["caption_to_image"]["judge_on_real_scenes"] >= 0.95  # the judge itself reads real scenes
     assert m["text_to_speech"]["with_audio"] == 1.0
     assert set(m["seconds"]) >= {"world", "image", "audio", "pretrain", "evaluate", "total"}
@@ -90,7 +90,7 @@ def test_finished_demo_reruns_in_seconds_and_refuses_other_settings(small_demo):
     rc, printed, _ = run_cli("demo", "--out", out, "--budget", "small", "--quiet")
     assert rc == 0 and printed.count("done already") == 9
     rc, _, err = run_cli("demo", "--out", out, "--budget", "default", "--quiet")
-    assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 1000)" in err
+    assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 800)" in err
 
 
 def test_bad_demo_settings_exit_2_naming_the_key(tmp_path):
