@@ -69,7 +69,7 @@ def test_small_demo_writes_page_and_figures_above_chance(small_demo):
     assert n_img >= 4 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
     assert page.count("<img") == n_img and page.count("<audio") == n_wav
     cfg = (out / "config.yaml").read_text()
-    assert "canvas: 32" in cfg and "steps: 500" in cfg  # the resolved config, small budget included
+    assert "canvas: 32" in cfg and "steps: 1200" in cfg  # the resolved config, small budget included
 
 
 def test_killed_demo_resumes_where_it_stopped(small_demo):
@@ -79,7 +79,7 @@ def test_killed_demo_resumes_where_it_stopped(small_demo):
     # the cut-off stage runs again, from the checkpoint the killed run wrote
     assert "decoder pretraining ..." in second and "resuming pretraining from model/step_" in second
     steps = [json.loads(ln)["step"] for ln in (out / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 500
+    assert steps == sorted(set(steps)) and steps[-1] == 1200
     state = json.loads((out / "demo_state.json").read_text())
     assert list(state["done"]) == ["world", "text", "image", "audio", "bundle", "judge", "preprocess",
                                    "pretrain", "evaluate"]
