@@ -95,6 +95,17 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def rope_table(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of positions 0..max_len-1, each [max_len, d] fp32: rope_cos_sin's values, computed once.
+
+    Indexing this table (as torchtitan's precomputed ``freqs_cis``) rather than evaluating cos/sin
+    per call matters under torch.compile on CPU: inductor fuses ``rope_cos_sin`` into every
+    consumer and re-evaluates pow/cos/sin per element of q and k.
+    """
+    cos, sin = rope_cos_sin(torch.arange(max_len)[None], head_dim, theta, torch.float32)  # [1, 1, L, d]
+    return cos[0, 0], sin[0, 0]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, n, T, d] rotated by position: x*cos + rotate_half(x)*sin."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -270,10 +281,23 @@ class OmniDecoder(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         # Modality of every id (omni.vocab.UnifiedVocab.modality_table), for the per-modality loss.
         self.register_buffer("modality_table", None, persistent=False)
+        # RoPE cos/sin of positions [0, max_seq_len), each [max_seq_len, head_dim] (not saved: derived).
+        self.register_buffer("rope_cos", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.max_seq_len, config.head_dim), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embeddings and linears; wo and w2 scaled by 1/sqrt(2*n_layers) (GPT-2)."""
+        """Normal(0, init_std) for embeddings and linears; wo and w2 scaled by 1/sqrt(2*n_layers) (GPT-2).
+
+        Also (re)computes the RoPE table, so that a model built on the meta device and materialized
+        with ``to_empty`` gets a correct one.
+        """
+        c = self.config
+        if self.rope_cos.device.type != "meta":
+            with torch.device(self.rope_cos.device):
+                cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
@@ -331,10 +355,15 @@ class OmniDecoder(nn.Module):
             raise OmniError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
         B, T = ids.shape
         past = cache.length if cache is not None else 0
+        explicit_positions = position_ids is not None
         mask, positions = self._mask_and_positions(B, T, past, ids.device, doc_ids, position_ids, cache)
 
         h = self.tok_embeddings(ids)  # [B, T, D]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        if not explicit_positions and past + T <= self.rope_cos.shape[0]:
+            # derived positions are < past + T: look them up in the table
+            cos, sin = self.rope_cos[positions].to(h.dtype)[:, None], self.rope_sin[positions].to(h.dtype)[:, None]
+        else:  # explicit positions (any value) or beyond max_seq_len: evaluate
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         for block in self.layers:
             h = block(h, cos, sin, mask, cache)
         h = self.norm(h)

@@ -187,3 +187,33 @@ def test_fused_cross_entropy_gradient():
     ce, lse = CrossEntropyLSE.apply(x, t)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(x, t, reduction="none"))
     torch.testing.assert_close(lse, torch.logsumexp(x, -1))
+
+
+def test_rope_table_equals_evaluated_rope(tiny_model_config):
+    """Derived positions read the precomputed RoPE table; explicit positions and positions past
+    max_seq_len evaluate cos/sin: all three give the same logits, and a model built on the meta
+    device and materialized gets the same table from reset_parameters."""
+    from omni.model import rope_cos_sin
+
+    cfg = dataclasses.replace(tiny_model_config, max_seq_len=16)
+    model = make(cfg)
+    cos, sin = rope_cos_sin(torch.arange(16)[None], cfg.head_dim, cfg.rope_theta, torch.float32)
+    assert torch.equal(model.rope_cos, cos[0, 0]) and torch.equal(model.rope_sin, sin[0, 0])
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        table = model(ids).logits
+        evaluated = model(ids, position_ids=torch.arange(12)[None]).logits
+        torch.testing.assert_close(table, evaluated, rtol=0, atol=1e-6)
+        # 12 + 12 > max_seq_len: the second call evaluates positions 12..23 and still matches
+        long_ids = torch.randint(0, cfg.vocab_size, (1, 24))
+        cache = model.new_cache()
+        first = model(long_ids[:, :12], cache=cache).logits
+        second = model(long_ids[:, 12:], cache=cache).logits
+        full = model(long_ids, position_ids=torch.arange(24)[None]).logits
+        torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-5, atol=1e-5)
+
+    with torch.device("meta"):
+        lazy = OmniDecoder(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    assert torch.equal(lazy.rope_cos, model.rope_cos) and torch.equal(lazy.rope_sin, model.rope_sin)
