@@ -167,5 +167,6 @@ def load(directory: str | os.PathLike, config: ModelConfig | None = None,
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         model = OmniDecoder(saved)
     load_weights(model, d, assign=True)
+    model.init_buffers()  # the RoPE table, not in the file
     model.set_modality_table(tok.vocab.modality_table)
     return model.to(device).eval(), tok

@@ -243,6 +243,7 @@ def convert_decoder(hf_dir: str | os.PathLike):
     with torch.device("meta"):
         model = OmniDecoder(cfg)
     model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()  # the RoPE table
     return model.eval(), hf, vocab, n_appended
 
 

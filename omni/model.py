@@ -239,8 +239,15 @@ class CrossEntropyLSE(torch.autograd.Function):
     def backward(ctx, g_ce: torch.Tensor, g_lse: torch.Tensor):
         logits, lse, target = ctx.saved_tensors
         g = (g_ce + g_lse)[:, None]  # d/dx of both terms share softmax(x)
-        grad = torch.sub(_at_least_fp32(logits), lse[:, None]).exp_().mul_(g)  # softmax * g, one [N, V] buffer
-        grad.scatter_add_(1, target[:, None], -g_ce[:, None])
+        if torch.compiler.is_compiling():
+            # one pointwise kernel for inductor: softmax * g - g_ce * onehot(target) (a scatter would
+            # first zero-fill an [N, V] buffer: 20 ms of a 1.9 s step of bench/decoder.py)
+            x = _at_least_fp32(logits)
+            onehot = torch.arange(x.shape[1], device=x.device)[None] == target[:, None]  # [N, V]
+            grad = (x - lse[:, None]).exp() * g - torch.where(onehot, g_ce[:, None], 0.0)
+        else:
+            grad = torch.sub(_at_least_fp32(logits), lse[:, None]).exp_().mul_(g)  # softmax * g, one [N, V] buffer
+            grad.scatter_add_(1, target[:, None], -g_ce[:, None])
         return grad.to(logits.dtype), None
 
 
@@ -252,7 +259,9 @@ class DecoderOutput:
     """What :meth:`OmniDecoder.forward` returns."""
 
     logits: torch.Tensor
-    """[B, T, V] next-token logits."""
+    """[B, T, V] next-token logits; detached when ``labels`` were given (``loss`` is then the
+    differentiable output: a compiled graph would otherwise zero-fill a [B, T, V] gradient for them
+    every backward). Call without labels for logits to differentiate through."""
     loss: torch.Tensor | None = None
     """Scalar: ce_loss + z_loss coefficient * z_loss (given labels)."""
     ce_loss: torch.Tensor | None = None
@@ -289,15 +298,10 @@ class OmniDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for embeddings and linears; wo and w2 scaled by 1/sqrt(2*n_layers) (GPT-2).
 
-        Also (re)computes the RoPE table, so that a model built on the meta device and materialized
-        with ``to_empty`` gets a correct one.
+        Also recomputes the derived buffers (:meth:`init_buffers`).
         """
-        c = self.config
         if self.rope_cos.device.type != "meta":
-            with torch.device(self.rope_cos.device):
-                cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            self.init_buffers()
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
@@ -308,6 +312,15 @@ class OmniDecoder(nn.Module):
                 nn.init.normal_(p, 0.0, std)
             else:
                 nn.init.ones_(p)
+
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE table on the parameters' device: call after building on the meta
+        device and loading weights with ``assign=True`` (omni.load does), or after ``to_empty``."""
+        c = self.config
+        device = self.tok_embeddings.weight.device
+        with torch.device(device):
+            cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin  # replaces the registered (non-persistent) buffers
 
     def set_modality_table(self, table: torch.Tensor | None) -> None:
         """Use ``table`` [V] (UnifiedVocab.modality_table) to split the loss by modality."""
@@ -359,8 +372,9 @@ class OmniDecoder(nn.Module):
         mask, positions = self._mask_and_positions(B, T, past, ids.device, doc_ids, position_ids, cache)
 
         h = self.tok_embeddings(ids)  # [B, T, D]
-        if not explicit_positions and past + T <= self.rope_cos.shape[0]:
-            # derived positions are < past + T: look them up in the table
+        if not explicit_positions and past + T <= self.rope_cos.shape[0] and not self.rope_cos.is_meta:
+            # derived positions are < past + T: look them up in the table (meta: built on the meta
+            # device and init_buffers not called yet)
             cos, sin = self.rope_cos[positions].to(h.dtype)[:, None], self.rope_sin[positions].to(h.dtype)[:, None]
         else:  # explicit positions (any value) or beyond max_seq_len: evaluate
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -372,6 +386,7 @@ class OmniDecoder(nn.Module):
         out = DecoderOutput(logits=logits, hidden=h if return_hidden else None, cache=cache)
         if labels is not None:
             self._loss(out, labels, loss_mask, modality)
+            out.logits = logits.detach()
         return out
 
     # ------------------------------------------------------------------------------------------

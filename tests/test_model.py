@@ -217,3 +217,4 @@ def test_rope_table_equals_evaluated_rope(tiny_model_config):
     lazy.to_empty(device="cpu")
     lazy.reset_parameters()
     assert torch.equal(lazy.rope_cos, model.rope_cos) and torch.equal(lazy.rope_sin, model.rope_sin)
+    assert "rope_cos" not in model.state_dict()  # derived, not saved
