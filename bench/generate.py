@@ -7,7 +7,9 @@ onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
 
 1. text decoding: a 16-token prompt, ``--text-tokens`` greedy new tokens -> decode tokens/s;
 2. one image block (``<boi>`` + grid*grid codes + ``<eoi>``) without guidance, and
-3. with classifier-free guidance (scale 3).
+3. with classifier-free guidance (scale 3);
+4. and 5. the same two with speculative Jacobi decoding (``jacobi``, ``--jacobi`` guesses per pass;
+   greedy, so the ids are those of 2. and 3.). transformers' generate() has no counterpart for it.
 
 transformers masks image-code logits in Chameleon's forward for the released weights, so its
 generate() cannot emit image codes: its "image block" is the same number of new tokens
@@ -73,6 +75,7 @@ def main() -> int:
     ap.add_argument("--text-tokens", type=int, default=128)
     ap.add_argument("--grid", type=int, default=16, help="image code grid side (16: 256 codes per image)")
     ap.add_argument("--cfg-scale", type=float, default=3.0)
+    ap.add_argument("--jacobi", type=int, default=8, help="guesses per pass for the Jacobi rows (default 8)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -92,9 +95,15 @@ def main() -> int:
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
             max_new_tokens=args.text_tokens, text=greedy, allow_images=False, allow_audio=False))
 
-    def omni_image(scale):
+    def omni_image(scale, jacobi=0):
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
-            max_new_tokens=n_block, allow_text=False, min_images=1, max_images=1, cfg_scale=scale, image=greedy))
+            max_new_tokens=n_block, allow_text=False, min_images=1, max_images=1, cfg_scale=scale, image=greedy,
+            jacobi=jacobi))
+
+    passes = []
+    model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    omni_image(1.0, args.jacobi)
+    jacobi_passes = len(passes) - 1  # without the prefill
 
     def hf_gen(n, scale=None):
         with torch.inference_mode():
@@ -106,6 +115,9 @@ def main() -> int:
         "image block": (lambda: omni_image(1.0), lambda: hf_gen(n_block), n_block),
         f"image block, CFG {args.cfg_scale:g}": (lambda: omni_image(args.cfg_scale),
                                                  lambda: hf_gen(n_block, args.cfg_scale), n_block),
+        f"image block, Jacobi {args.jacobi}": (lambda: omni_image(1.0, args.jacobi), lambda: hf_gen(n_block), n_block),
+        f"image block, CFG {args.cfg_scale:g}, Jacobi {args.jacobi}": (
+            lambda: omni_image(args.cfg_scale, args.jacobi), lambda: hf_gen(n_block, args.cfg_scale), n_block),
     }
     for fn_o, fn_h, _ in cases.values():  # warm-up
         fn_o(), fn_h()
@@ -122,6 +134,9 @@ def main() -> int:
         o, h = statistics.median(times[name]["omni"]), statistics.median(times[name]["hf"])
         print(f"{name:<22} omni {o:7.3f} s ({n / o:7.1f} tok/s)   transformers {h:7.3f} s ({n / h:7.1f} tok/s)"
               f"   ratio {h / o:5.2f}x")
+    print(f"Jacobi {args.jacobi}: {n_block - 1} tokens of the block in {jacobi_passes} passes "
+          f"({(n_block - 1) / jacobi_passes:.2f} tokens per pass; random weights: how many guesses hold "
+          f"depends on the model, see the README)")
     return 0
 
 

@@ -139,6 +139,14 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (drop tokens fed speculatively and not kept)."""
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                self.k[i], self.v[i] = self.k[i][:, :, :length], self.v[i][:, :, :length]
+        if self.doc_ids is not None:
+            self.doc_ids = self.doc_ids[:, :length]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v [B, K, T, d]; return all keys and values [B, K, L+T, d]."""
         if self.k[layer] is not None:

@@ -61,6 +61,11 @@ class GenerateConfig:
     best explain the prompt's text, by the model's own log p(prompt text | generated media) (DALL-E's
     reranking, with the model itself as the scorer: it learns both directions of every pair).
     1: no reranking. Costs N times the sampling plus one scoring pass."""
+    jacobi: int = 0
+    """Speculative Jacobi decoding inside image blocks (Teng et al. 2024, as Lumina-mGPT): feed
+    this many guessed codes with each forward pass and keep those the model accepts, so a pass can
+    yield several codes. Exactly greedy decoding's output at temperature 0 (up to float rounding of
+    a batched forward), the same distribution when sampling. 0: one token per pass."""
     seed: int = 0
     """Seed of the sampler: the same seed and inputs give the same output."""
 
@@ -73,5 +78,6 @@ class GenerateConfig:
         check(self.max_audio_tokens >= 1, "max_audio_tokens", self.max_audio_tokens, ">= 1")
         check(self.cfg_scale >= 0, "cfg_scale", self.cfg_scale, ">= 0")
         check(self.audio_cfg_scale >= 0, "audio_cfg_scale", self.audio_cfg_scale, ">= 0")
+        check(self.jacobi >= 0, "jacobi", self.jacobi, ">= 0 (0: off)")
         check(self.rerank >= 1, "rerank", self.rerank, ">= 1 (1: no reranking)")
         check_choice(self.prompt_overflow, "prompt_overflow", ("error", "truncate"))

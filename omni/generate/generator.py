@@ -30,7 +30,9 @@ import torch
 
 from omni.config.generate import GenerateConfig
 from omni.errors import OmniError
+from omni.generate.jacobi import Drafts, jacobi_window
 from omni.generate.processors import (
+    IMAGE_MODE,
     ClassifierFreeGuidance,
     DecodeState,
     ModalityConstraint,
@@ -155,11 +157,7 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
     constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None)
     sampler = ModalitySampler(config, torch.Generator().manual_seed(config.seed))
 
-    cache = model.new_cache()
-    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float()  # prefill: [B or 2B, V]
-    for _ in range(max_new):
-        step_logits = guidance(logits[:B], logits[B:], state) if guidance.active else logits
-        nxt = sampler(constraint(step_logits, state), state)  # [B]
+    def emit(nxt: torch.Tensor) -> None:  # nxt [B]: advance every row's state, stream
         done_before = [r.mode == "done" for r in state.rows]
         closed = state.advance(nxt)
         for b in range(B):
@@ -168,13 +166,59 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                     on_token(b, int(nxt[b]))
                 if closed[b] and on_segment is not None:
                     on_segment(b, _last_block(tok, state.rows[b].tokens))
+
+    cache = model.new_cache()
+    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float()  # prefill: [B or 2B, V]
+    drafts, pending = Drafts(B), None
+    while True:
+        if pending is None:
+            step_logits = guidance(logits[:B], logits[B:], state) if guidance.active else logits
+            nxt = sampler(constraint(step_logits, state), state)  # [B]
+        else:  # chosen by the last Jacobi window, not fed yet
+            nxt, pending = torch.tensor(pending), None
+        emit(nxt)
         if state.finished:
             break
-        feed = torch.cat([nxt, nxt]) if guidance.active else nxt  # the unconditional rows follow
-        new_doc = torch.zeros(feed.shape[0], 1, dtype=torch.long, device=device)
-        logits = model(feed[:, None].to(device), doc_ids=new_doc, cache=cache).logits[:, -1].float()
+        w = _jacobi_width(state, config.jacobi)
+        if w:
+            guesses, dists = drafts.window(nxt.tolist(), w)
+            feed = torch.cat([nxt[:, None], torch.tensor(guesses)], 1)  # [B, 1 + w]
+        else:
+            drafts.clear()
+            feed = nxt[:, None]  # [B, 1]
+        feed = torch.cat([feed, feed]) if guidance.active else feed  # the unconditional rows follow
+        past = cache.length
+        new_doc = torch.zeros(feed.shape, dtype=torch.long, device=device)
+        raw = model(feed.to(device), doc_ids=new_doc, cache=cache).logits.float()  # [B or 2B, 1 + w, V]
+        if not w:
+            logits = raw[:, -1]
+            continue
+        # the sampling distribution after each fed position, as the plain step would draw from it
+        window = raw
+        if guidance.active:
+            window = torch.stack([guidance(raw[:B, i], raw[B:, i], state) for i in range(w + 1)], 1)  # [B, 1 + w, V]
+        mask = constraint(torch.zeros_like(window[:, 0]), state)  # [B, V] 0 / -inf: image codes
+        window = window + mask[:, None]  # the same at every window position (w keeps it inside the block)
+        probs = [[sampler.probs(window[b, i], IMAGE_MODE) for i in range(w + 1)] for b in range(B)]  # [B][1 + w]
+        accepted, pending = jacobi_window(probs, guesses, dists, sampler.generator, drafts)
+        for j in range(len(accepted[0])):
+            emit(torch.tensor([row[j] for row in accepted]))
+        assert not state.finished, "a Jacobi window never reaches the end of a block"
+        if pending is None:  # every guess kept: the last position's logits are the next step's
+            logits = raw[:, -1]
+        else:  # keep the fed tokens that were accepted (the window's first token and len(accepted[0]) guesses)
+            cache.truncate(past + 1 + len(accepted[0]))
 
     return [list(r.tokens) for r in state.rows]
+
+
+def _jacobi_width(state: DecodeState, k: int) -> int:
+    """Guesses to feed this step: up to ``k`` while every row is inside an image block, so that all
+    window positions are image codes (0: decode one token)."""
+    if k <= 0 or state.image_tokens is None or any(r.mode != IMAGE_MODE for r in state.rows):
+        return 0
+    left = min(min(state.image_tokens - r.count, r.remaining) for r in state.rows)  # codes still to emit
+    return max(0, min(k, left - 1))
 
 
 def _truncate(ids: torch.Tensor, keep: int, vocab) -> torch.Tensor:

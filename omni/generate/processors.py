@@ -184,6 +184,14 @@ class ModalitySampler:
                          DONE: SamplingConfig(temperature=0.0)}
         self.generator = generator
 
+    def probs(self, logits: torch.Tensor, mode: str) -> torch.Tensor:
+        """The distribution [V] this sampler draws from for one row's logits [V] in ``mode``
+        (one-hot at temperature 0): what speculative decoding compares guesses against."""
+        from omni.generate.jacobi import sampling_probs
+
+        s = self.settings[mode]
+        return sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+
     def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         out = torch.empty(logits.shape[0], dtype=torch.long)
         for b, mode in enumerate(state.modes):
