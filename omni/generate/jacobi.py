@@ -72,10 +72,12 @@ class Drafts:
         """k guesses per row: the stored ones, then copies of the row's last known token (fixed drafts)."""
         toks, dists = [], []
         for b, t in enumerate(last):
-            have = self.tokens[b][:k]
+            # the first guess is a copy of the last token: the stored one was computed after a
+            # rejected token, and can keep being rejected window after window (seen on the demo model)
+            have, have_d = [t] + self.tokens[b][1:k], [None] + self.dists[b][1:k]
             fill = k - len(have)
-            toks.append(have + [have[-1] if have else t] * fill)
-            dists.append(self.dists[b][:k] + [None] * fill)
+            toks.append(have + [have[-1]] * fill)
+            dists.append(have_d + [None] * fill)
         return toks, dists
 
 
