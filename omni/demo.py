@@ -282,7 +282,7 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     import dataclasses
 
     from omni.checkpoint import load
-    from omni.generate.generator import generate, rerank_scores
+    from omni.generate.generator import generate
     from omni.generate.page import write_page
     from omni.io import atomic_write_text
     from omni.toy import shapes
@@ -306,21 +306,19 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     cap_docs = run([Document([Image(sc.image)]) for sc in scenes], **only_text)
     cap_pred = _texts(cap_docs)
     # caption -> image
-    # every candidate (rows i*N+k), then the one the model reads back as its caption best (= rerank=N)
+    # best of N (rerank); the callback sees every candidate (rows i*N+k): the first one is scored too
     N = w.image_rerank
     rows: dict[int, list[int]] = {}
-    all_docs = run([c for c in captions for _ in range(N)], allow_text=False, allow_audio=False, min_images=1,
-                   max_images=1, max_new_tokens=n_img + 2, on_token=lambda b, i: rows.setdefault(b, []).append(i))
-    best = (rerank_scores(model, tok, [Document([Text(c)]) for c in captions], [rows[j] for j in range(len(all_docs))],
-                          N).argmax(1).tolist() if N > 1 else [0] * len(captions))
-    img_docs = [all_docs[i * N + k] for i, k in enumerate(best)]
+    img_docs = run(captions, allow_text=False, allow_audio=False, min_images=1, max_images=1,
+                   max_new_tokens=n_img + 2, rerank=N, on_token=lambda b, i: rows.setdefault(b, []).append(i))
+    first_docs = [tok.decode(rows[i * N]) for i in range(len(captions))]
 
     def blank_or(docs):
         return [_to_uint8(m[0]) if m else np.full((w.canvas, w.canvas, 3), 255, np.uint8) for m in _media(docs, Image)]
 
     gen_images = blank_or(img_docs)
     img_ok = [judge.correct(im, c) for im, c in zip(gen_images, captions)]
-    first_ok = [judge.correct(im, c) for im, c in zip(blank_or(all_docs[::N]), captions)]
+    first_ok = [judge.correct(im, c) for im, c in zip(blank_or(first_docs), captions)]
     real_ok = [judge.correct(sc.image, c) for sc, c in zip(_roll(scenes), captions)]
     # speech -> text
     waves = [sc.speech() for sc in scenes]

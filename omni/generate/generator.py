@@ -197,8 +197,8 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         window = raw
         if guidance.active:
             window = torch.stack([guidance(raw[:B, i], raw[B:, i], state) for i in range(w + 1)], 1)  # [B, 1 + w, V]
-        mask = constraint(torch.zeros_like(window[:, 0]), state)  # [B, V] 0 / -inf: image codes
-        window = window + mask[:, None]  # the same at every window position (w keeps it inside the block)
+        allowed = torch.stack([constraint.allowed(state, r) for r in state.rows]).to(window.device)  # [B, V]
+        window = window.masked_fill(~allowed[:, None], float("-inf"))  # image codes at every position (see w)
         probs = [[sampler.probs(window[b, i], IMAGE_MODE) for i in range(w + 1)] for b in range(B)]  # [B][1 + w]
         accepted, pending = jacobi_window(probs, guesses, dists, sampler.generator, drafts)
         for j in range(len(accepted[0])):

@@ -176,6 +176,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a sampler draws from: logits [V] -> probabilities [V] (one-hot at temperature 0)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(0, logits.argmax()[None], 1.0)
+    return apply_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+
+
 class ModalitySampler:
     """Sample one token per row with the sampling settings of its modality."""
 
@@ -186,20 +194,15 @@ class ModalitySampler:
 
     def probs(self, logits: torch.Tensor, mode: str) -> torch.Tensor:
         """The distribution [V] this sampler draws from for one row's logits [V] in ``mode``
-        (one-hot at temperature 0): what speculative decoding compares guesses against."""
-        from omni.generate.jacobi import sampling_probs
-
+        (one-hot at temperature 0): also what speculative decoding compares guesses against."""
         s = self.settings[mode]
         return sampling_probs(logits, s.temperature, s.top_k, s.top_p)
 
     def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         out = torch.empty(logits.shape[0], dtype=torch.long)
         for b, mode in enumerate(state.modes):
-            s = self.settings[mode]
-            row = logits[b].float()
-            if s.temperature == 0:
-                out[b] = int(row.argmax())
-                continue
-            row = apply_top_k_top_p(row / s.temperature, s.top_k, s.top_p)
-            out[b] = int(torch.multinomial(row.softmax(-1), 1, generator=self.generator))
+            if self.settings[mode].temperature == 0:  # greedy: no draw, the generator is not advanced
+                out[b] = int(logits[b].float().argmax())
+            else:
+                out[b] = int(torch.multinomial(self.probs(logits[b], mode), 1, generator=self.generator))
         return out

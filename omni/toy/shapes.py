@@ -68,10 +68,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 """Shape names."""
 KINDS = ("caption", "speech", "story", "spoken")
+"""Sample kinds :func:`write_shards` can write (see the module docstring)."""
 ORDERS = ("left_to_right", "reading")
 """Orders objects (and so captions and stories) can come in: by box center left to right, or in
 reading order (top edge, then left edge: the order a raster-scan image model draws them in)."""
-"""Sample kinds :func:`write_shards` can write (see the module docstring)."""
 MIN_CANVAS = 32
 """Smallest canvas side (pixels): below it three shapes large enough to tell apart do not fit."""
 MAX_OBJECTS = 3
