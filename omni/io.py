@@ -32,6 +32,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temp files :func:`atomic_write_bytes` leaves when a process is killed between
+    writing and renaming one; call only when nothing writes in ``folder`` any more. Returns how many."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

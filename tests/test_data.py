@@ -258,6 +258,8 @@ def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, rea
     done = len(list(shards.glob("*.json")))
     assert 3 <= done < 22, f"kill landed at {done} shards: not midway"
     assert not (tmp_path / "killed" / "manifest.json").exists()
+    # what a kill between an atomic write's temp file and its rename leaves (the kill above may too)
+    (shards / ".00000-part-000.json.x1y2z3.tmp").write_text('{"name": "00000-part-000"')
     rerun = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "killed")],
                            capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

@@ -30,7 +30,7 @@ import numpy as np
 
 from omni.config.data import PreprocessConfig
 from omni.errors import OmniError
-from omni.io import atomic_write_text
+from omni.io import atomic_write_text, remove_stale_temps
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -319,6 +319,7 @@ def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> b
         if not p.is_file():
             return False
         entries.append(json.loads(p.read_text()))
+    remove_stale_temps(out / "shards")  # every shard is done: a temp file left by a killed run is garbage
     totals: dict = {"samples": 0, "documents": 0, "tokens": Counter(), "skipped": Counter(), "max_block": 0}
     for e in entries:
         totals["samples"] += e["samples"]
