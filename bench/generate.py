@@ -11,6 +11,11 @@ onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
 4. and 5. the same two with speculative Jacobi decoding (``jacobi``, ``--jacobi`` guesses per pass;
    greedy, so the ids are those of 2. and 3.). transformers' generate() has no counterpart for it.
 
+Each in four columns: omni eager and with ``compile=True`` (the decode steps through
+torch.compile), transformers' generate() as it runs by default on a CPU (eager, dynamic cache)
+and with its static cache + ``compile_config`` (which it applies on CUDA by itself and on a CPU
+only when told). The ratios put omni compiled against both.
+
 transformers masks image-code logits in Chameleon's forward for the released weights, so its
 generate() cannot emit image codes: its "image block" is the same number of new tokens
 (``min_new_tokens = max_new_tokens``), the same model work. Its guidance is generate()'s
@@ -91,49 +96,66 @@ def main() -> int:
     prompt_doc = tok.decode(ids[1:].tolist())
     n_block = args.grid * args.grid + 2
 
-    def omni_text():
+    def omni_text(compile=False):
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
-            max_new_tokens=args.text_tokens, text=greedy, allow_images=False, allow_audio=False))
+            max_new_tokens=args.text_tokens, text=greedy, allow_images=False, allow_audio=False, compile=compile))
 
-    def omni_image(scale, jacobi=0):
+    def omni_image(scale, jacobi=0, compile=False):
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
             max_new_tokens=n_block, allow_text=False, min_images=1, max_images=1, cfg_scale=scale, image=greedy,
-            jacobi=jacobi))
+            jacobi=jacobi, compile=compile))
 
     passes = []
     model.register_forward_pre_hook(lambda m, a: passes.append(1))
     omni_image(1.0, args.jacobi)
     jacobi_passes = len(passes) - 1  # without the prefill
 
-    def hf_gen(n, scale=None):
+    from transformers import CompileConfig
+
+    static = CompileConfig(dynamic=False)
+    static._compile_all_devices = True  # generate() compiles only on CUDA unless told otherwise
+
+    def hf_gen(n, scale=None, compiled=False):
+        extra = dict(cache_implementation="static", compile_config=static) if compiled else {}
         with torch.inference_mode():
             return hf.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               guidance_scale=scale, pad_token_id=0)
+                               guidance_scale=scale, pad_token_id=0, **extra)
 
+    cfg = f"CFG {args.cfg_scale:g}"
+    jac = f"Jacobi {args.jacobi}"
+    # case: (omni call taking compile=, transformers' key, new tokens)
     cases = {
-        "text decode": (omni_text, lambda: hf_gen(args.text_tokens), args.text_tokens),
-        "image block": (lambda: omni_image(1.0), lambda: hf_gen(n_block), n_block),
-        f"image block, CFG {args.cfg_scale:g}": (lambda: omni_image(args.cfg_scale),
-                                                 lambda: hf_gen(n_block, args.cfg_scale), n_block),
-        f"image block, Jacobi {args.jacobi}": (lambda: omni_image(1.0, args.jacobi), lambda: hf_gen(n_block), n_block),
-        f"image block, CFG {args.cfg_scale:g}, Jacobi {args.jacobi}": (
-            lambda: omni_image(args.cfg_scale, args.jacobi), lambda: hf_gen(n_block, args.cfg_scale), n_block),
+        "text decode": (omni_text, "text", args.text_tokens),
+        "image block": (lambda c: omni_image(1.0, compile=c), "image", n_block),
+        f"image block, {cfg}": (lambda c: omni_image(args.cfg_scale, compile=c), "cfg", n_block),
+        f"image block, {jac}": (lambda c: omni_image(1.0, args.jacobi, compile=c), "image", n_block),
+        f"image block, {cfg}, {jac}": (lambda c: omni_image(args.cfg_scale, args.jacobi, compile=c), "cfg", n_block),
     }
-    for fn_o, fn_h, _ in cases.values():  # warm-up
-        fn_o(), fn_h()
-    times: dict[str, dict[str, list[float]]] = {k: {"omni": [], "hf": []} for k in cases}
-    for _ in range(args.rounds):
-        for name, (fn_o, fn_h, _) in cases.items():
-            for who, fn in (("omni", fn_o), ("hf", fn_h)):
-                t0 = time.perf_counter()
-                fn()
-                times[name][who].append(time.perf_counter() - t0)
+    hf_calls = {"text": lambda c: hf_gen(args.text_tokens, compiled=c), "image": lambda c: hf_gen(n_block, compiled=c),
+                "cfg": lambda c: hf_gen(n_block, args.cfg_scale, compiled=c)}
+    runs = {("omni", name, c): (lambda f=f, c=c: f(c)) for name, (f, _, _) in cases.items() for c in (False, True)}
+    runs |= {("hf", key, c): (lambda f=f, c=c: f(c)) for key, f in hf_calls.items() for c in (False, True)}
+    t0 = time.perf_counter()
+    for fn in runs.values():  # warm-up, and the compilations of both stacks
+        fn()
+    warm = time.perf_counter() - t0
+    times: dict[tuple, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):  # interleaved, so a busy moment of the machine hits every column
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.recipe}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {tok.vocab.size}, "
-          f"{args.threads} thread(s), median of {args.rounds}")
-    for name, (_, _, n) in cases.items():
-        o, h = statistics.median(times[name]["omni"]), statistics.median(times[name]["hf"])
-        print(f"{name:<22} omni {o:7.3f} s ({n / o:7.1f} tok/s)   transformers {h:7.3f} s ({n / h:7.1f} tok/s)"
-              f"   ratio {h / o:5.2f}x")
+          f"{args.threads} thread(s), median of {args.rounds} interleaved rounds (warm-up and compiling: {warm:.0f} s)")
+    print("seconds per call (tokens/s); eager = plain PyTorch, compiled = torch.compile "
+          "(omni: compile=True; transformers: static cache + compile_config)")
+    print(f"{'':32s} {'omni eager':>17s} {'omni compiled':>17s} {'HF eager':>17s} {'HF compiled':>17s}"
+          f"   ratios: {'eager/eager':>11s} {'comp/HF eager':>13s} {'comp/comp':>9s}")
+    for name, (_, key, n) in cases.items():
+        cols = [med["omni", name, False], med["omni", name, True], med["hf", key, False], med["hf", key, True]]
+        cells = " ".join(f"{t:7.3f} ({n / t:6.1f})" for t in cols)
+        print(f"{name:32s} {cells}   {cols[2] / cols[0]:10.2f}x {cols[2] / cols[1]:12.2f}x {cols[3] / cols[1]:8.2f}x")
     print(f"Jacobi {args.jacobi}: {n_block - 1} tokens of the block in {jacobi_passes} passes "
           f"({(n_block - 1) / jacobi_passes:.2f} tokens per pass; random weights: how many guesses hold "
           f"depends on the model, see the README)")

@@ -122,6 +122,11 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """A copy with contiguous strides (``.contiguous()`` keeps the strides of size-1 dims)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding; grows as tokens are fed.
 
@@ -142,16 +147,22 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions (drop tokens fed speculatively and not kept)."""
         for i in range(len(self.k)):
-            if self.k[i] is not None:
-                self.k[i], self.v[i] = self.k[i][:, :, :length], self.v[i][:, :, :length]
+            if self.k[i] is not None:  # dense copies, as update() keeps them
+                self.k[i], self.v[i] = _dense(self.k[i][:, :, :length]), _dense(self.v[i][:, :, :length])
         if self.doc_ids is not None:
-            self.doc_ids = self.doc_ids[:, :length]
+            self.doc_ids = _dense(self.doc_ids[:, :length])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, K, T, d]; return all keys and values [B, K, L+T, d]."""
+        """Append k, v [B, K, T, d]; return all keys and values [B, K, L+T, d].
+
+        The stored tensors always have contiguous strides: a compiled decode step (``compile=True``
+        in generation) guards on them, and one layout for all of them is one graph.
+        """
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
+        else:  # the prefill's k, v are transposed views
+            k, v = _dense(k), _dense(v)
         self.k[layer], self.v[layer] = k, v
         return k, v
 

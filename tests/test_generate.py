@@ -101,6 +101,31 @@ def test_batched_greedy_equals_one_by_one(tokenizer, tiny_model_config):
         assert tokenizer.encode(a).tolist() == tokenizer.encode(b).tolist()
 
 
+def test_compiled_decode_equals_eager(tokenizer, tiny_model_config):
+    """compile=True runs the decode steps through torch.compile (inductor): the same greedy ids as
+    eager for batched prompts of different lengths, with guidance (one graph, dynamic batch and
+    cache length), text, images and audio all allowed."""
+    from torch._dynamo.utils import counters
+
+    from omni.generate.generator import compiled_decoder
+
+    model = _model(tiny_model_config, 2)
+    prompts = ["a", "a much longer prompt about a blue square and a red circle", "draw <boi> please"]
+    n = tokenizer.image.tokens_per_image
+    graphs, images = counters["stats"]["unique_graphs"], 0
+    # free text/image/audio without guidance; then image blocks forced (text and audio off) with guidance
+    for free, scale in ((True, 1.0), (False, 3.0)):
+        cfg = GenerateConfig(max_new_tokens=n + 24, text=GREEDY, image=GREEDY, audio=GREEDY, max_audio_tokens=5,
+                             allow_text=free, allow_audio=free, min_images=int(not free), cfg_scale=scale)
+        eager = omni.generate(model, tokenizer, prompts, cfg)
+        compiled = omni.generate(model, tokenizer, prompts, dataclasses.replace(cfg, compile=True))
+        assert [tokenizer.encode(d).tolist() for d in compiled] == [tokenizer.encode(d).tolist() for d in eager]
+        images += sum(len(d.images) for d in eager)
+    assert images >= len(prompts)  # image blocks were decoded, not only text
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps did run compiled
+    assert compiled_decoder(model) is compiled_decoder(model)  # one compiled module per model
+
+
 def test_seeded_sampling_is_reproducible_and_streams_segments(tokenizer, tiny_model_config):
     model = _model(tiny_model_config, 3)
     cfg = GenerateConfig(max_new_tokens=50, allow_text=False, seed=11, max_audio_tokens=4)

@@ -68,6 +68,12 @@ class GenerateConfig:
     a batched forward), the same distribution when sampling. 0: one token per pass. Pays off for
     one prompt at a time (bench/jacobi.py on the demo model: 4.6 codes per pass, 2.5-3.6x faster);
     a batch advances by its shortest accepted run, so large sampled batches are slower with it."""
+    compile: bool = False
+    """Run the decode steps through ``torch.compile`` (inductor, dynamic shapes; the prefill stays
+    eager). Fuses the norms, RoPE and the cache's mask into a few kernels and cuts the per-token
+    Python overhead, which is a third of a small model's eager step on a CPU; the same tokens up
+    to float rounding. The first call compiles (about a minute on a CPU, once per process and
+    model); worth it for long outputs (bench/generate.py)."""
     seed: int = 0
     """Seed of the sampler: the same seed and inputs give the same output."""
 
