@@ -74,6 +74,22 @@ def build(recipe: str, grid: int):
     return tok, model, hf
 
 
+def weight_read_floor(model, rounds: int = 30) -> tuple[float, int]:
+    """(seconds, bytes): one [1, in] x [in, out] product per linear weight and the output head, the
+    least a one-token decoding step must do; median over ``rounds``."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights += [model.head_weight] if model.output is None else []  # a tied head
+    xs = [torch.randn(1, w.shape[1]) for w in weights]
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds + 3):
+            t0 = time.perf_counter()
+            for w, x in zip(weights, xs):
+                torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:]), sum(w.numel() * w.element_size() for w in weights)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="models/20m")
@@ -146,6 +162,7 @@ def main() -> int:
             fn()
             times[key].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    floor_s, weight_bytes = weight_read_floor(model)
     print(f"{args.recipe}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {tok.vocab.size}, "
           f"{args.threads} thread(s), median of {args.rounds} interleaved rounds (warm-up and compiling: {warm:.0f} s)")
     print("seconds per call (tokens/s); eager = plain PyTorch, compiled = torch.compile "
@@ -156,6 +173,10 @@ def main() -> int:
         cols = [med["omni", name, False], med["omni", name, True], med["hf", key, False], med["hf", key, True]]
         cells = " ".join(f"{t:7.3f} ({n / t:6.1f})" for t in cols)
         print(f"{name:32s} {cells}   {cols[2] / cols[0]:10.2f}x {cols[2] / cols[1]:12.2f}x {cols[3] / cols[1]:8.2f}x")
+    per_token = med["omni", "text decode", True] / args.text_tokens
+    print(f"weight-read floor of one token: the matrix-vector products of every linear layer and the head "
+          f"({weight_bytes / 1e6:.0f} MB): {floor_s * 1e3:.2f} ms ({weight_bytes / floor_s / 1e9:.1f} GB/s); "
+          f"omni compiled text decoding: {per_token * 1e3:.2f} ms per token ({floor_s / per_token:.0%} of it is the floor)")
     print(f"Jacobi {args.jacobi}: {n_block - 1} tokens of the block in {jacobi_passes} passes "
           f"({(n_block - 1) / jacobi_passes:.2f} tokens per pass; random weights: how many guesses hold "
           f"depends on the model, see the README)")
