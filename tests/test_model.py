@@ -39,6 +39,28 @@ def test_kv_cache_decode_equals_full_forward(tiny_model_config, changes):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_truncates_and_keeps_dense_strides(tiny_model_config):
+    """truncate() drops speculative tokens: decoding on equals never having fed them. Every stored
+    tensor keeps contiguous strides, size-1 batch included (a compiled decode step guards on them:
+    another layout per call would be another graph)."""
+    model = make(tiny_model_config)
+    ids = torch.randint(0, tiny_model_config.vocab_size, (1, 12))
+    with torch.no_grad():
+        ref = model.new_cache()
+        model(ids[:, :8], doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=ref)
+        want = model(ids[:, 8:], doc_ids=torch.zeros(1, 4, dtype=torch.long), cache=ref).logits
+        cache = model.new_cache()
+        model(ids[:, :8], doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        model(ids[:, :5], doc_ids=torch.zeros(1, 5, dtype=torch.long), cache=cache)  # guesses, all rejected
+        cache.truncate(8)
+        got = model(ids[:, 8:], doc_ids=torch.zeros(1, 4, dtype=torch.long), cache=cache).logits
+        cache.truncate(10)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for t in [*cache.k, *cache.v, cache.doc_ids]:
+        assert t.shape[1 if t.dim() == 2 else 2] == 10
+        assert t.stride() == torch.empty(t.shape).stride()
+
+
 def test_packed_documents_do_not_see_each_other(tiny_model_config):
     model = make(tiny_model_config)
     V = tiny_model_config.vocab_size
