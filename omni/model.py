@@ -128,43 +128,48 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding; grows as tokens are fed.
+    """Keys and values of every layer for incremental decoding, in buffers written in place.
 
     ``model(prompt, cache=cache)`` fills it (prefill); later calls feed one or more new tokens and
     attend to everything cached. Positions continue where the cache ends (restarting at document
     boundaries when ``doc_ids`` are given).
+
+    Each layer's keys and values live in a buffer [B, K, capacity, d]; a step writes its T new
+    positions in place and attends to a view of the first ``length`` + T. Appending by
+    concatenation would copy the whole cache every step, O(context) bytes per token: at 4k
+    positions as many bytes as a 20M model's weights. ``capacity`` (e.g. prompt + new tokens, as
+    generation passes it) sizes the buffers at the first write; past it they double.
     """
 
-    def __init__(self, n_layers: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layers  # each [B, K, L, d]
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.k: list[torch.Tensor | None] = [None] * n_layers  # each [B, K, capacity, d]
         self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.doc_ids: torch.Tensor | None = None  # [B, L], or None when all tokens are one document
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        self.doc_ids: torch.Tensor | None = None  # [B, length], or None when all tokens are one document
+        self.length = 0  # positions filled; the model advances it after each forward
+        self.capacity = capacity
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions (drop tokens fed speculatively and not kept)."""
-        for i in range(len(self.k)):
-            if self.k[i] is not None:  # dense copies, as update() keeps them
-                self.k[i], self.v[i] = _dense(self.k[i][:, :, :length]), _dense(self.v[i][:, :, :length])
-        if self.doc_ids is not None:
+        assert 0 <= length <= self.length, (length, self.length)
+        self.length = length
+        if self.doc_ids is not None:  # dense strides: a compiled step guards on them
             self.doc_ids = _dense(self.doc_ids[:, :length])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, K, T, d]; return all keys and values [B, K, L+T, d].
-
-        The stored tensors always have contiguous strides: a compiled decode step (``compile=True``
-        in generation) guards on them, and one layout for all of them is one graph.
-        """
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        else:  # the prefill's k, v are transposed views
-            k, v = _dense(k), _dense(v)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        """Write k, v [B, K, T, d] after the first ``length`` positions; return all keys and values
+        [B, K, length+T, d] (views of the buffers)."""
+        L, T = self.length, k.shape[2]
+        buf = self.k[layer]
+        if buf is None or buf.shape[2] < L + T:  # (re)allocate: at least double, at least capacity
+            B, K, _, d = k.shape
+            cap = max(L + T, self.capacity, 2 * buf.shape[2] if buf is not None else 0)
+            new_k, new_v = k.new_empty(B, K, cap, d), v.new_empty(B, K, cap, d)
+            if buf is not None:
+                new_k[:, :, :L], new_v[:, :, :L] = buf[:, :, :L], self.v[layer][:, :, :L]
+            self.k[layer], self.v[layer] = new_k, new_v
+        self.k[layer][:, :, L:L + T] = k
+        self.v[layer][:, :, L:L + T] = v
+        return self.k[layer][:, :, :L + T], self.v[layer][:, :, :L + T]
 
 
 class Attention(nn.Module):
@@ -353,8 +358,9 @@ class OmniDecoder(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layers)
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty :class:`KVCache`; ``capacity`` positions are allocated at its first write."""
+        return KVCache(self.config.n_layers, capacity)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -399,6 +405,8 @@ class OmniDecoder(nn.Module):
             cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         for block in self.layers:
             h = block(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length = past + T  # every layer wrote positions past .. past+T-1
         h = self.norm(h)
         logits = F.linear(h, self.head_weight)  # [B, T, V]
 

@@ -39,26 +39,31 @@ def test_kv_cache_decode_equals_full_forward(tiny_model_config, changes):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_truncates_and_keeps_dense_strides(tiny_model_config):
-    """truncate() drops speculative tokens: decoding on equals never having fed them. Every stored
-    tensor keeps contiguous strides, size-1 batch included (a compiled decode step guards on them:
-    another layout per call would be another graph)."""
+def test_kv_cache_writes_in_place_grows_and_truncates(tiny_model_config):
+    """The cache writes each step into its buffers (no copy of the cache per token), doubles them
+    when full keeping what they hold, and truncate() drops speculative tokens: decoding on equals
+    never having fed them. doc ids keep dense strides (a compiled decode step guards on them)."""
     model = make(tiny_model_config)
     ids = torch.randint(0, tiny_model_config.vocab_size, (1, 12))
+    zeros = lambda n: torch.zeros(1, n, dtype=torch.long)  # noqa: E731
     with torch.no_grad():
-        ref = model.new_cache()
-        model(ids[:, :8], doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=ref)
-        want = model(ids[:, 8:], doc_ids=torch.zeros(1, 4, dtype=torch.long), cache=ref).logits
+        ref = model.new_cache(capacity=12)
+        model(ids[:, :8], doc_ids=zeros(8), cache=ref)
+        assert ref.k[0].shape[2] == 12 and ref.length == 8
+        want = model(ids[:, 8:], doc_ids=zeros(4), cache=ref).logits
+
         cache = model.new_cache()
-        model(ids[:, :8], doc_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache)
-        model(ids[:, :5], doc_ids=torch.zeros(1, 5, dtype=torch.long), cache=cache)  # guesses, all rejected
+        model(ids[:, :8], doc_ids=zeros(8), cache=cache)
+        assert cache.k[0].shape[2] == 8
+        model(ids[:, :5], doc_ids=zeros(5), cache=cache)  # guesses, all rejected: the buffers double
+        assert cache.k[0].shape[2] == 16 and cache.length == 13
         cache.truncate(8)
-        got = model(ids[:, 8:], doc_ids=torch.zeros(1, 4, dtype=torch.long), cache=cache).logits
+        ptr = cache.k[0].data_ptr()
+        got = model(ids[:, 8:], doc_ids=zeros(4), cache=cache).logits
+        assert cache.k[0].data_ptr() == ptr and cache.length == 12  # written in place
         cache.truncate(10)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for t in [*cache.k, *cache.v, cache.doc_ids]:
-        assert t.shape[1 if t.dim() == 2 else 2] == 10
-        assert t.stride() == torch.empty(t.shape).stride()
+    assert cache.doc_ids.shape == (1, 10) and cache.doc_ids.stride() == (10, 1)
 
 
 def test_packed_documents_do_not_see_each_other(tiny_model_config):

@@ -185,7 +185,7 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                 if closed[b] and on_segment is not None:
                     on_segment(b, _last_block(tok, state.rows[b].tokens))
 
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=ids.shape[1] + max_new + config.jacobi)  # never grows while decoding
     logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float()  # prefill: [B or 2B, V]
     step = compiled_decoder(model) if config.compile else model
     drafts, pending = Drafts(B), None
