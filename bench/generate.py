@@ -6,6 +6,8 @@ Both models are the ~20M recipe holding the SAME weights (omni's Chameleon conve
 onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
 
 1. text decoding: a 16-token prompt, ``--text-tokens`` greedy new tokens -> decode tokens/s;
+   and 64 new tokens after a ``--long-prompt``-token prompt (the call, prefill included: where the
+   cache is long, a step's cost is the cache as well as the weights);
 2. one image block (``<boi>`` + grid*grid codes + ``<eoi>``) without guidance, and
 3. with classifier-free guidance (scale 3);
 4. and 5. the same two with speculative Jacobi decoding (``jacobi``, ``--jacobi`` guesses per pass;
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build(recipe: str, grid: int):
+def build(recipe: str, grid: int, context: int = 2048):
     import tempfile
 
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
@@ -56,7 +58,7 @@ def build(recipe: str, grid: int):
     text = train_text_tokenizer([str(corpus)], TextTokenizerConfig(vocab_size=4000), progress=False)
     image = VQImageTokenizer(ImageTokenizerConfig(image_size=grid * 8, codebook_size=1024)).eval()
     tok = omni.UnifiedTokenizer.build(text, image)
-    cfg = load_model_config(recipe, [f"vocab_size={tok.vocab.size}", f"max_seq_len={max(2048, grid * grid + 512)}"])
+    cfg = load_model_config(recipe, [f"vocab_size={tok.vocab.size}", f"max_seq_len={max(context, grid * grid + 512)}"])
     hf_cfg = ChameleonConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -97,6 +99,8 @@ def main() -> int:
     ap.add_argument("--grid", type=int, default=16, help="image code grid side (16: 256 codes per image)")
     ap.add_argument("--cfg-scale", type=float, default=3.0)
     ap.add_argument("--jacobi", type=int, default=8, help="guesses per pass for the Jacobi rows (default 8)")
+    ap.add_argument("--long-prompt", type=int, default=3000,
+                    help="prompt length of the long-context row (text decoding after it; default 3000)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -105,7 +109,7 @@ def main() -> int:
     import omni
     from omni.config.generate import GenerateConfig, SamplingConfig
 
-    tok, model, hf = build(args.recipe, args.grid)
+    tok, model, hf = build(args.recipe, args.grid, args.long_prompt + args.text_tokens + 64)
     greedy = SamplingConfig(temperature=0.0)
     prompt = "A short story about a red circle and a blue square, told in"
     ids = tok.encode(prompt)[:16]
@@ -115,6 +119,15 @@ def main() -> int:
     def omni_text(compile=False):
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
             max_new_tokens=args.text_tokens, text=greedy, allow_images=False, allow_audio=False, compile=compile))
+
+    # the long-context row: a prompt of --long-prompt tokens (the story text repeated), then text
+    long_ids = torch.cat([ids, ids[1:].repeat(args.long_prompt // (len(ids) - 1) + 1)])[:args.long_prompt]
+    long_doc = tok.decode(long_ids[1:].tolist())
+    long_new = 64
+
+    def omni_long(compile=False):
+        return omni.generate(model, tok, long_doc, GenerateConfig(
+            max_new_tokens=long_new, text=greedy, allow_images=False, allow_audio=False, compile=compile))
 
     def omni_image(scale, jacobi=0, compile=False):
         return omni.generate(model, tok, prompt_doc, GenerateConfig(
@@ -131,10 +144,10 @@ def main() -> int:
     static = CompileConfig(dynamic=False)
     static._compile_all_devices = True  # generate() compiles only on CUDA unless told otherwise
 
-    def hf_gen(n, scale=None, compiled=False):
+    def hf_gen(n, scale=None, compiled=False, prompt=ids):
         extra = dict(cache_implementation="static", compile_config=static) if compiled else {}
         with torch.inference_mode():
-            return hf.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            return hf.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                guidance_scale=scale, pad_token_id=0, **extra)
 
     cfg = f"CFG {args.cfg_scale:g}"
@@ -142,12 +155,14 @@ def main() -> int:
     # case: (omni call taking compile=, transformers' key, new tokens)
     cases = {
         "text decode": (omni_text, "text", args.text_tokens),
+        f"text after {args.long_prompt} tokens": (omni_long, "long", long_new),
         "image block": (lambda c: omni_image(1.0, compile=c), "image", n_block),
         f"image block, {cfg}": (lambda c: omni_image(args.cfg_scale, compile=c), "cfg", n_block),
         f"image block, {jac}": (lambda c: omni_image(1.0, args.jacobi, compile=c), "image", n_block),
         f"image block, {cfg}, {jac}": (lambda c: omni_image(args.cfg_scale, args.jacobi, compile=c), "cfg", n_block),
     }
-    hf_calls = {"text": lambda c: hf_gen(args.text_tokens, compiled=c), "image": lambda c: hf_gen(n_block, compiled=c),
+    hf_calls = {"text": lambda c: hf_gen(args.text_tokens, compiled=c),
+                "long": lambda c: hf_gen(long_new, compiled=c, prompt=long_ids), "image": lambda c: hf_gen(n_block, compiled=c),
                 "cfg": lambda c: hf_gen(n_block, args.cfg_scale, compiled=c)}
     runs = {("omni", name, c): (lambda f=f, c=c: f(c)) for name, (f, _, _) in cases.items() for c in (False, True)}
     runs |= {("hf", key, c): (lambda f=f, c=c: f(c)) for key, f in hf_calls.items() for c in (False, True)}
