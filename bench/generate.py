@@ -141,6 +141,9 @@ def main() -> int:
 
     from transformers import CompileConfig
 
+    # transformers' static cache compiles one graph per cache size (prompt + new tokens) and batch:
+    # the rows here need more than dynamo's default limit of 8, past which it would run eager
+    torch._dynamo.config.recompile_limit = 32
     static = CompileConfig(dynamic=False)
     static._compile_all_devices = True  # generate() compiles only on CUDA unless told otherwise
 

@@ -438,6 +438,12 @@ class OmniDecoder(nn.Module):
 
         if all_docs is None and past == 0:
             return None, position_ids  # plain causal: SDPA's is_causal path
+        if cache is not None and past == 0 and not torch.compiler.is_compiling() and bool(
+                (all_docs == all_docs[:, :1]).all()):
+            # a prefill of one document per row, no padding (one prompt): also plain causal. With
+            # a mask SDPA's CPU kernel computes all T x T scores and converts the mask per layer
+            # (a 3000-token prompt: 3.1 s instead of 1.8 s)
+            return None, position_ids
         # Explicit bool mask [B, 1, T, L+T]: causal (key index <= query index, offset by the cache)
         q_idx = torch.arange(past, past + T, device=device)[:, None]
         k_idx = torch.arange(past + T, device=device)[None, :]

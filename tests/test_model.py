@@ -66,6 +66,30 @@ def test_kv_cache_writes_in_place_grows_and_truncates(tiny_model_config):
     assert cache.doc_ids.shape == (1, 10) and cache.doc_ids.stride() == (10, 1)
 
 
+def test_single_document_prefill_takes_the_causal_kernel(tiny_model_config, monkeypatch):
+    """A prefill whose rows are each one document without padding (what generation passes for one
+    prompt) attends through SDPA's is_causal path, not an explicit mask, with the same logits as
+    the masked path; a packed row still gets its block-diagonal mask."""
+    import torch.nn.functional as F
+
+    model = make(tiny_model_config)
+    ids = torch.randint(0, tiny_model_config.vocab_size, (2, 10))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **kw: seen.append(attn_mask is None) or sdpa(*a, attn_mask=attn_mask, **kw))
+    with torch.no_grad():
+        masked = model(ids, doc_ids=torch.zeros(2, 10, dtype=torch.long)).logits  # no cache: the mask path
+        assert not any(seen)
+        seen.clear()
+        causal = model(ids, doc_ids=torch.zeros(2, 10, dtype=torch.long), cache=model.new_cache()).logits
+        assert seen and all(seen)
+        seen.clear()
+        model(ids, doc_ids=torch.tensor([[0] * 4 + [1] * 6] * 2), cache=model.new_cache())
+        assert not any(seen)
+    torch.testing.assert_close(causal, masked, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_documents_do_not_see_each_other(tiny_model_config):
     model = make(tiny_model_config)
     V = tiny_model_config.vocab_size
