@@ -9,12 +9,17 @@ In one run it
    the forward, input-grad and weight-grad products of every linear layer and the output head at
    B*T rows (``torch.mm`` into preallocated outputs), timed in the same rounds as the models, so
    that it sees the same load; peak = its FLOPs / its median time;
-2. times training steps of transformers' Chameleon (eager, its default SDPA attention), OmniDecoder
+2. measures the other kernel both models must call: SDPA's causal attention, forward + backward
+   at the model's attention shape, once per layer (the flash kernel on a CPU). Matmuls plus
+   attention are the floor of a step for any implementation calling these kernels: the bench
+   prints the most tokens/s, the highest ratio to transformers and the highest share of the
+   peak that floor leaves;
+3. times training steps of transformers' Chameleon (eager, its default SDPA attention), OmniDecoder
    eager and OmniDecoder under ``torch.compile`` (inductor's C++ backend), interleaved round by
    round (order rotated) so that load from other processes hits all alike; medians are reported,
    of wall time and (with one thread) of the process's CPU time, which leaves out the time a step
    waited for a core held by another process. All use torch's fused AdamW;
-3. reports tokens/s, the ratio to transformers, model FLOP/s (omni.model.flops_per_token: 6N +
+4. reports tokens/s, the ratio to transformers, model FLOP/s (omni.model.flops_per_token: 6N +
    causal attention) as a share of the measured peak, and the peak memory of a step: the highest
    resident set size seen during the step minus the one before it (activations, gradients,
    temporaries; weights and AdamW state are resident before and are the same for all), measured
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 REF = "matmul peak"
+ATTN = "attention kernel"
 HF = "transformers Chameleon"
 OMNI = "OmniDecoder"
 OMNI_C = "OmniDecoder + torch.compile"
@@ -100,6 +106,11 @@ def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def attn_flops(cfg, batch: int, seq: int) -> float:
+    """FLOPs of causal attention's score and value products in a training step (forward + 2x backward)."""
+    return 3 * cfg.n_layers * 2 * 2 * batch * cfg.n_heads * seq * seq * cfg.head_dim / 2
+
+
 def matmul_step(shapes):
     """A step of matmuls only: every GEMM of a training step, as ``torch.mm`` on preallocated tensors.
 
@@ -120,6 +131,28 @@ def matmul_step(shapes):
                 torch.mm(a, b, out=c)
 
     return run, flops
+
+
+def attention_step(cfg, batch: int, seq: int):
+    """A step of attention only: SDPA's causal kernel, forward and backward, once per layer, on
+    q [B, H, T, d] and k, v [B, K, T, d] laid out as both models make them (transposed views of
+    [B, T, heads, d] projections)."""
+    import torch
+    import torch.nn.functional as F
+
+    B, T, H, K, d = batch, seq, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = torch.randn(B, T, H, d).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, K, d).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, K, d).transpose(1, 2).requires_grad_()
+    grad = torch.randn(B, H, T, d)
+
+    def run():
+        for _ in range(cfg.n_layers):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)  # [B, H, T, d]
+            y.backward(grad)
+            q.grad = k.grad = v.grad = None
+
+    return run
 
 
 def _timed(fn) -> float:
@@ -170,6 +203,8 @@ def make_steps(args, cfg, hf, models, which):
     steps = {}
     if REF in which:
         steps[REF], _ = matmul_step(gemm_shapes(cfg, B * T))
+    if ATTN in which:
+        steps[ATTN] = attention_step(cfg, B, T)
     if HF in which:
         # The same optimizer for all: torch's fused AdamW (one kernel per parameter on CPU).
         opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, fused=True)
@@ -251,7 +286,8 @@ def main() -> int:
           f"batch {B} x seq {T} = {tokens} tokens/step, fp32, {args.threads} thread(s), torch {torch.__version__}")
     print(f"peer: transformers {transformers.__version__} ChameleonForConditionalGeneration "
           f"(attention: {hf.config._attn_implementation}), same weights; all with fused AdamW")
-    names = [REF, HF, OMNI] + ([] if args.no_compile else [OMNI_C])
+    kernels = [REF, ATTN]  # timed in the rounds, not models
+    names = kernels + [HF, OMNI] + ([] if args.no_compile else [OMNI_C])
     steps = make_steps(args, cfg, hf, models, names)
 
     first = {}
@@ -272,7 +308,8 @@ def main() -> int:
             steps[name]()
             wall[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
-    mem = {name: measure_memory(args, name) for name in names[1:]}
+    models_ = names[len(kernels):]
+    mem = {name: measure_memory(args, name) for name in models_}
 
     clocks = [("CPU time", cpu)] if args.threads == 1 else []
     for clock, times in clocks + [("wall time", wall)]:
@@ -283,12 +320,19 @@ def main() -> int:
         print(f"{'model':28s} {'step s (min-max)':>20s} {'tokens/s':>9s} {'vs HF':>6s} {'GFLOP/s':>8s} "
               f"{'of peak':>8s} {'step MiB':>9s}")
         ref = statistics.median(times[HF])
-        for name in names[1:]:
+        for name in models_:
             med = statistics.median(times[name])
             tps = tokens / med
             achieved = fpt * tps
             print(f"{name:28s} {med:7.3f} ({min(times[name]):.2f}-{max(times[name]):.2f}) {tps:9.0f} "
                   f"{ref / med:5.2f}x {achieved / 1e9:8.1f} {achieved / peak:7.0%} {mem[name]:9.0f}")
+        mm_s, attn_s = statistics.median(times[REF]), statistics.median(times[ATTN])
+        floor = mm_s + attn_s
+        print(f"{'kernel floor (see below)':28s} {floor:7.3f} {'':11s} {tokens / floor:9.0f} {ref / floor:5.2f}x "
+              f"{fpt * tokens / floor / 1e9:8.1f} {fpt * tokens / floor / peak:7.0%}")
+        print(f"kernel floor = the step's matmuls at the measured peak ({mm_s:.3f} s) + SDPA's causal attention "
+              f"forward+backward x {cfg.n_layers} layers ({attn_s:.3f} s, "
+              f"{attn_flops(cfg, B, T) / attn_s / 1e9:.1f} GFLOP/s): no model calling these kernels steps faster")
     print(f"\nFLOPs/token (6N + causal attention, omni.model.flops_per_token): {fpt / 1e6:.1f}M; "
           f"first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     return 0

@@ -196,6 +196,10 @@ def main() -> int:
     print(f"weight-read floor of one token: the matrix-vector products of every linear layer and the head "
           f"({weight_bytes / 1e6:.0f} MB): {floor_s * 1e3:.2f} ms ({weight_bytes / floor_s / 1e9:.1f} GB/s); "
           f"omni compiled text decoding: {per_token * 1e3:.2f} ms per token ({floor_s / per_token:.0%} of it is the floor)")
+    hf_token = med["hf", "text", False] / args.text_tokens
+    print(f"transformers eager text decoding: {hf_token * 1e3:.2f} ms per token: with one token per pass "
+          f"over these weights through torch's matrix-vector kernels, nothing beats it by more than "
+          f"{hf_token / floor_s:.2f}x (its time / the floor)")
     print(f"Jacobi {args.jacobi}: {n_block - 1} tokens of the block in {jacobi_passes} passes "
           f"({(n_block - 1) / jacobi_passes:.2f} tokens per pass; random weights: how many guesses hold "
           f"depends on the model, see the README)")
