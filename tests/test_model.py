@@ -66,10 +66,11 @@ def test_kv_cache_writes_in_place_grows_and_truncates(tiny_model_config):
     assert cache.doc_ids.shape == (1, 10) and cache.doc_ids.stride() == (10, 1)
 
 
-def test_single_document_prefill_takes_the_causal_kernel(tiny_model_config, monkeypatch):
-    """A prefill whose rows are each one document without padding (what generation passes for one
-    prompt) attends through SDPA's is_causal path, not an explicit mask, with the same logits as
-    the masked path; a packed row still gets its block-diagonal mask."""
+def test_single_document_rows_take_the_causal_kernel(tiny_model_config, monkeypatch):
+    """Rows that are each one document without padding (a prefill of one prompt, an unpacked
+    batch) attend through SDPA's is_causal path, not an explicit mask, with the same logits as
+    the masked path (a packed row's mask with one document); a packed row still gets its
+    block-diagonal mask, and so does a step after a filled cache."""
     import torch.nn.functional as F
 
     model = make(tiny_model_config)
@@ -78,16 +79,19 @@ def test_single_document_prefill_takes_the_causal_kernel(tiny_model_config, monk
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, attn_mask=None, **kw: seen.append(attn_mask is None) or sdpa(*a, attn_mask=attn_mask, **kw))
+    one_doc, packed = torch.zeros(2, 10, dtype=torch.long), torch.tensor([[0] * 4 + [1] * 6] * 2)
     with torch.no_grad():
-        masked = model(ids, doc_ids=torch.zeros(2, 10, dtype=torch.long)).logits  # no cache: the mask path
-        assert not any(seen)
+        for cache in (None, model.new_cache()):
+            seen.clear()
+            causal = model(ids, doc_ids=one_doc, cache=cache).logits
+            assert seen and all(seen)
         seen.clear()
-        causal = model(ids, doc_ids=torch.zeros(2, 10, dtype=torch.long), cache=model.new_cache()).logits
-        assert seen and all(seen)
-        seen.clear()
-        model(ids, doc_ids=torch.tensor([[0] * 4 + [1] * 6] * 2), cache=model.new_cache())
-        assert not any(seen)
-    torch.testing.assert_close(causal, masked, atol=1e-5, rtol=1e-5)
+        masked = model(torch.cat([ids, ids], 1), doc_ids=torch.cat([one_doc, one_doc + 1], 1)).logits
+        model(ids, doc_ids=packed, cache=model.new_cache())
+        model(ids[:, :1], doc_ids=one_doc[:, :1], cache=cache)  # a decode step after the filled cache
+        assert seen and not any(seen)
+    torch.testing.assert_close(causal, masked[:, :10], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal, masked[:, 10:], atol=1e-5, rtol=1e-5)  # positions restart per document
 
 
 def test_packed_documents_do_not_see_each_other(tiny_model_config):
