@@ -1,6 +1,7 @@
 """Generation speed: omni.generate vs transformers' Chameleon generate(), same weights, one run.
 
     nice .venv/bin/python bench/generate.py [--recipe models/20m] [--text-tokens 128] [--grid 16]
+                                            [--threads 1] [--dtype float32|bfloat16]
 
 Both models are the ~20M recipe holding the SAME weights (omni's Chameleon converter maps one
 onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
@@ -81,7 +82,7 @@ def weight_read_floor(model, rounds: int = 30) -> tuple[float, int]:
     least a one-token decoding step must do; median over ``rounds``."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights += [model.head_weight] if model.output is None else []  # a tied head
-    xs = [torch.randn(1, w.shape[1]) for w in weights]
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
     times = []
     with torch.inference_mode():
         for _ in range(rounds + 3):
@@ -103,6 +104,8 @@ def main() -> int:
                     help="prompt length of the long-context row (text decoding after it; default 3000)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="both models' weights (bfloat16: as Chameleon's weights ship, transformers' torch_dtype)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -110,6 +113,8 @@ def main() -> int:
     from omni.config.generate import GenerateConfig, SamplingConfig
 
     tok, model, hf = build(args.recipe, args.grid, args.long_prompt + args.text_tokens + 64)
+    model.to(getattr(torch, args.dtype))
+    hf.to(getattr(torch, args.dtype))
     greedy = SamplingConfig(temperature=0.0)
     prompt = "A short story about a red circle and a blue square, told in"
     ids = tok.encode(prompt)[:16]
@@ -182,7 +187,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     floor_s, weight_bytes = weight_read_floor(model)
     print(f"{args.recipe}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {tok.vocab.size}, "
-          f"{args.threads} thread(s), median of {args.rounds} interleaved rounds (warm-up and compiling: {warm:.0f} s)")
+          f"{args.dtype}, {args.threads} thread(s), median of {args.rounds} interleaved rounds (warm-up and compiling: {warm:.0f} s)")
     print("seconds per call (tokens/s); eager = plain PyTorch, compiled = torch.compile "
           "(omni: compile=True; transformers: static cache + compile_config)")
     print(f"{'':32s} {'omni eager':>17s} {'omni compiled':>17s} {'HF eager':>17s} {'HF compiled':>17s}"

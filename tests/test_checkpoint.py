@@ -40,6 +40,27 @@ def test_round_trip(saved, tokenizer):
     assert set(out.tokens_by_modality) <= {"text", "special"} and out.tokens_by_modality["text"] > 0
 
 
+def test_load_in_half_precision(saved):
+    path, model = saved
+    half, tok = omni.load(path, dtype="bfloat16")
+    floating = [t for t in [*half.parameters(), *half.buffers()] if t.is_floating_point()]
+    assert floating and all(t.dtype == torch.bfloat16 for t in floating)
+    assert half.modality_table.dtype == torch.long  # integer buffers keep their type
+    ids = tok.encode("def f(x): return x")[None]
+    ref, got = model(ids).logits, half(ids).logits
+    assert got.dtype == torch.bfloat16
+    # the same function to bf16 precision: logits within a few bf16 steps of float32's, same ranking
+    torch.testing.assert_close(got.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    cache = half.new_cache()
+    half(ids, cache=cache)
+    assert cache.k[0].dtype == torch.bfloat16  # the KV cache, half the bytes too
+    doc = omni.generate(half, tok, "def f", max_new_tokens=12, allow_images=False, allow_audio=False, seed=1)
+    assert isinstance(doc, omni.Document)
+    with pytest.raises(OmniError, match="dtype 'int8' is not supported; valid: float32, bfloat16, float16"):
+        omni.load(path, dtype="int8")
+
+
 def test_overwrite_is_whole(saved, tiny_model_config, tokenizer):
     path, _ = saved
     other = OmniDecoder(dataclasses.replace(tiny_model_config, tie_embeddings=True))

@@ -262,6 +262,9 @@ def test_cli_generate_and_bad_input(tmp_path, tokenizer, tiny_model_config):
     rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", "--batch", batch, "--out",
                            tmp_path / "many.html", "max_new_tokens=20")
     assert rc == 0 and "2 document(s)" in out, err
+    rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", "--prompt", "a", "--dtype", "bfloat16",
+                           "--out", tmp_path / "half.html", "max_new_tokens=20")
+    assert rc == 0 and "1 document(s)" in out, err
 
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "colour": 1}\n')
     (tmp_path / "notimg.png").write_text("text")
@@ -275,6 +278,7 @@ def test_cli_generate_and_bad_input(tmp_path, tokenizer, tiny_model_config):
         (["--batch", tmp_path / "none.jsonl"], "batch file not found"),
         ([], "nothing to continue"),
         (["--prompt", "a", "cfg_scale=-1"], "cfg_scale=-1"),
+        (["--prompt", "a", "--dtype", "int8"], "invalid choice: 'int8'"),
     ]
     for extra, needle in cases:
         rc, out, err = run_cli("generate", "--checkpoint", tmp_path / "ckpt", *extra, "--out", tmp_path / "x.html")

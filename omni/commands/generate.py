@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from omni.checkpoint import DTYPES
     from omni.cli import Formatter
     from omni.config import help_text
     from omni.config.generate import GenerateConfig
@@ -28,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", metavar="JSONL", help="many prompts, one JSON object per line")
     p.add_argument("--out", required=True, metavar="OUT.html", help="the HTML page to write")
     p.add_argument("--config", metavar="YAML", help="a recipe (its generate section is used)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the weights on load (default: as saved, float32); "
+                   "bfloat16 reads half the bytes per decoding step")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="generation settings, see below")
     p.set_defaults(func=_generate)
 
@@ -90,7 +93,7 @@ def _generate(args) -> int:
         if not (args.prompt or args.image or args.audio):
             raise OmniError("nothing to continue: give --prompt, --image, --audio or --batch")
         prompts = [_prompt(args.prompt, args.image, args.audio)]
-    model, tok = load(args.checkpoint)
+    model, tok = load(args.checkpoint, dtype=args.dtype)
     outs = generate(model, tok, prompts, cfg)
     page = write_page(list(zip(prompts, outs)), args.out)
     n_img = sum(len(o.images) for o in outs)
