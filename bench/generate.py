@@ -1,7 +1,7 @@
 """Generation speed: omni.generate vs transformers' Chameleon generate(), same weights, one run.
 
     nice .venv/bin/python bench/generate.py [--recipe models/20m] [--text-tokens 128] [--grid 16]
-                                            [--threads 1] [--dtype float32|bfloat16]
+                                            [--threads 1] [--dtype float32|bfloat16|float16]
 
 Both models are the ~20M recipe holding the SAME weights (omni's Chameleon converter maps one
 onto the other). Measured, as medians of ``--rounds`` interleaved rounds:
@@ -39,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from omni.checkpoint import DTYPES  # noqa: E402  (after the path insert: runs from a checkout)
 
 
 def build(recipe: str, grid: int, context: int = 2048):
@@ -104,7 +106,7 @@ def main() -> int:
                     help="prompt length of the long-context row (text decoding after it; default 3000)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="both models' weights (bfloat16: as Chameleon's weights ship, transformers' torch_dtype)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
