@@ -12,12 +12,12 @@ __version__ = "0.1.0"
 
 # public name -> "module:attribute"
 _LAZY = {
-    "Document": "omni.vocab:Document",
-    "Text": "omni.vocab:Text",
-    "Image": "omni.vocab:Image",
-    "Audio": "omni.vocab:Audio",
+    "Document": "omni.document:Document",
+    "Text": "omni.document:Text",
+    "Image": "omni.document:Image",
+    "Audio": "omni.document:Audio",
     "UnifiedVocab": "omni.vocab:UnifiedVocab",
-    "UnifiedTokenizer": "omni.vocab:UnifiedTokenizer",
+    "UnifiedTokenizer": "omni.bundle:UnifiedTokenizer",
     "RunConfig": "omni.config:RunConfig",
     "load_config": "omni.config:load_config",
     "OmniError": "omni.errors:OmniError",
@@ -32,14 +32,16 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from omni.bundle import UnifiedTokenizer
     from omni.checkpoint import load
     from omni.config import RunConfig, load_config
     from omni.config.generate import GenerateConfig
     from omni.config.model import ModelConfig
+    from omni.document import Audio, Document, Image, Text
     from omni.errors import ConfigError, OmniError
     from omni.generate import generate
     from omni.model import OmniDecoder
-    from omni.vocab import Audio, Document, Image, Text, UnifiedTokenizer, UnifiedVocab
+    from omni.vocab import UnifiedVocab
 
 
 def __getattr__(name: str):

@@ -24,9 +24,9 @@ from omni.errors import OmniError, VocabMismatchError
 from omni.io import atomic_write_bytes, atomic_write_text, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
+    from omni.bundle import UnifiedTokenizer
     from omni.config.model import ModelConfig
     from omni.model import OmniDecoder
-    from omni.vocab import UnifiedTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -148,8 +148,8 @@ def load(directory: str | os.PathLike, config: ModelConfig | None = None,
     lists the fields that differ). ``tokenizer``: refuse unless the checkpoint was made with this
     same bundle (same ids); by default the checkpoint's own bundle is loaded and returned.
     """
+    from omni.bundle import UnifiedTokenizer
     from omni.model import OmniDecoder
-    from omni.vocab import UnifiedTokenizer
 
     d = Path(directory)
     if dtype is not None and dtype not in DTYPES:

@@ -251,8 +251,8 @@ def convert_chameleon(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     """``omni convert chameleon``: a Hugging Face Chameleon folder -> an omni checkpoint folder."""
     import dataclasses
 
+    from omni.bundle import UnifiedTokenizer
     from omni.checkpoint import save_checkpoint
-    from omni.vocab import UnifiedTokenizer
 
     model, hf, vocab, n_appended = convert_decoder(hf_dir)
     from omni.tokenizers.image_chameleon import import_chameleon_vqgan  # the image half (VQ-GAN)

@@ -171,8 +171,8 @@ def _world(out: Path, cfg) -> None:
 
 
 def _text(out: Path, cfg, progress: bool) -> None:
+    from omni.bundle import UnifiedTokenizer
     from omni.tokenizers.text import train_text_tokenizer
-    from omni.vocab import UnifiedTokenizer
 
     text = train_text_tokenizer([str(out / "world" / "text.txt")], cfg.tokenizer.text, progress=progress)
     UnifiedTokenizer.build(text, n_reserved_specials=cfg.tokenizer.n_reserved_specials).save(out / "tokenizers" / "text")
@@ -193,8 +193,8 @@ def _audio(out: Path, cfg, progress: bool) -> None:
 
 
 def _bundle(out: Path, cfg, log) -> None:
+    from omni.bundle import UnifiedTokenizer
     from omni.tokenizers.base import load_tokenizer
-    from omni.vocab import UnifiedTokenizer
 
     text = UnifiedTokenizer.load(out / "tokenizers" / "text").text
     tok = UnifiedTokenizer.build(text, load_tokenizer(out / "tokenizers" / "image", "image"),
@@ -222,7 +222,7 @@ def train_config(out: Path, cfg):
     """The RunConfig of the pretraining stage: the recipe with this run's paths and vocabulary size."""
     import copy
 
-    from omni.vocab import UnifiedTokenizer
+    from omni.bundle import UnifiedTokenizer
 
     run = copy.deepcopy(cfg)
     w = cfg.demo
@@ -260,7 +260,7 @@ def _newest_checkpoint(out: Path) -> Path:
 
 
 def _texts(docs) -> list[str]:
-    from omni.vocab import Text
+    from omni.document import Text
 
     return [" ".join(s.text for s in d.segments if isinstance(s, Text)) for d in docs]
 
@@ -282,12 +282,12 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
     import dataclasses
 
     from omni.checkpoint import load
+    from omni.document import Audio, Document, Image, Text
     from omni.generate.generator import generate
     from omni.generate.page import write_page
     from omni.io import atomic_write_text
     from omni.toy import shapes
     from omni.toy.judge import Judge
-    from omni.vocab import Audio, Document, Image, Text
 
     w, g = cfg.demo, cfg.generate
     model, tok = load(_newest_checkpoint(out))

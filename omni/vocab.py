@@ -9,28 +9,19 @@ bundle needs it, an explicit code-to-id table (an imported Chameleon bundle keep
 ids, whose image codes are scattered inside its BPE vocabulary).
 
 An image block is ``<boi> c_1 ... c_N <eoi>`` with N = h*w fixed by the image tokenizer's grid
-(row-major); an audio block is ``<boa> a_1 ... a_M <eoa>`` with M variable.
+(row-major); an audio block is ``<boa> a_1 ... a_M <eoa>`` with M variable. That grammar lives
+here once (:meth:`UnifiedVocab.scan`, :meth:`~UnifiedVocab.split_points`,
+:meth:`~UnifiedVocab.longest_block`, :meth:`~UnifiedVocab.position_ids`); decoding, packing,
+preprocessing and the generation processors all call it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from omni.errors import DecodeError, OmniError, VocabMismatchError
-from omni.io import atomic_write_text, read_json, sha256_bytes
+from omni.errors import OmniError
 
-if TYPE_CHECKING:  # pragma: no cover
-
-    from omni.tokenizers.base import AudioTokenizer, ImageTokenizer
-    from omni.tokenizers.text import TextTokenizer
-
-VOCAB_FILE = "vocab.json"
-FORMAT_VERSION = 1
 PAD_MULTIPLE = 128
 
 # Modality of each id, as stored in UnifiedVocab.modality_table.
@@ -40,148 +31,32 @@ MODALITY_NAMES = ("text", "special", "image", "audio", "unused")
 NAMED_SPECIALS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<boa>", "<eoa>", "<det>", "<gen>")
 """Specials every bundle has. <det>/<gen> are the routing tokens (VisionLLM v2)."""
 CONTROL_SPECIALS = ("<bos>", "<eos>", "<pad>")
+BLOCKS = {"image": ("<boi>", "<eoi>", IMAGE), "audio": ("<boa>", "<eoa>", AUDIO)}
+"""Block kind -> (opener, closer, modality of its codes)."""
 
 
-# --------------------------------------------------------------------------------------------
-# Documents
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Text:
-    """A run of text."""
+@dataclass(frozen=True)
+class Piece:
+    """One piece of an id sequence, as :meth:`UnifiedVocab.scan` reads it.
 
-    text: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str):
-            raise OmniError(f"Text expects a str, got {type(self.text).__name__}")
-
-
-@dataclass
-class Image:
-    """An image; ``pixels`` is float [3,H,W] in [0,1]. PIL images and uint8 arrays are converted."""
-
-    pixels: Any
-
-    def __post_init__(self) -> None:
-        self.pixels = to_pixels(self.pixels)
-
-
-@dataclass
-class Audio:
-    """A mono clip; ``wave`` is float [T]. Multi-channel input [C,T] is averaged to mono."""
-
-    wave: Any
-    sample_rate: int = 16000
-
-    def __post_init__(self) -> None:
-        import torch
-
-        w = torch.as_tensor(self.wave)
-        if w.dim() == 2:  # [C,T] -> [T]
-            w = w.float().mean(0)
-        if w.dim() != 1:
-            raise OmniError(f"Audio expects a wave of shape [T] or [C,T], got {tuple(w.shape)}")
-        if not w.is_floating_point():
-            w = w.float() / (32768.0 if w.dtype == torch.int16 else 1.0)
-        self.wave = w.float()
-        if int(self.sample_rate) <= 0:
-            raise OmniError(f"Audio sample_rate must be positive, got {self.sample_rate}")
-        self.sample_rate = int(self.sample_rate)
-
-
-Segment = Union[Text, Image, Audio]
-
-
-@dataclass
-class Document:
-    """An ordered list of segments. ``dropped`` lists what lenient decoding had to leave out."""
-
-    segments: list[Segment] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-
-    def __iter__(self):
-        return iter(self.segments)
-
-    def __len__(self) -> int:
-        return len(self.segments)
-
-    @property
-    def text(self) -> str:
-        """All text segments joined."""
-        return "".join(s.text for s in self.segments if isinstance(s, Text))
-
-    @property
-    def images(self) -> list[Image]:
-        return [s for s in self.segments if isinstance(s, Image)]
-
-    @property
-    def audios(self) -> list[Audio]:
-        return [s for s in self.segments if isinstance(s, Audio)]
-
-
-def pil_to_rgb(im):
-    """A PIL image of any mode -> uint8 array [H,W,3].
-
-    The one rule for transparency (Chameleon's): RGBA, LA and palette images with transparency are
-    composited onto white; every other mode (L, 1, I;16, CMYK, ...) goes through ``convert('RGB')``.
+    ``kind``: 'text' (a run of text ids), 'image' / 'audio' (a block: ``ids[start]`` is its opener,
+    its codes are ``ids[start + 1:stop]``, and when ``closed`` ``ids[stop]`` is its closer),
+    'special' (a control or routing special outside a block) or 'invalid' (one id that fits
+    nowhere; ``problem`` says why).
     """
-    import numpy as np
-    from PIL import Image as PILImage
 
-    if im.mode != "RGB":
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-            rgba = im.convert("RGBA")
-            im = PILImage.alpha_composite(PILImage.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8).copy()
+    kind: str
+    start: int
+    stop: int
+    closed: bool = False
+    problem: str = ""
 
-
-def to_pixels(x: Any):
-    """PIL image, uint8/float array or tensor ([H,W], [H,W,C] or [C,H,W]) -> float [3,H,W] in [0,1].
-
-    Grayscale is repeated to RGB; transparency is composited onto white (:func:`pil_to_rgb`).
-    """
-    import numpy as np
-    import torch
-
-    try:
-        from PIL import Image as PILImage
-    except ImportError:  # pragma: no cover
-        PILImage = None
-    if PILImage is not None and isinstance(x, PILImage.Image):
-        x = pil_to_rgb(x)
-    t = torch.from_numpy(np.array(x)) if not isinstance(x, torch.Tensor) else x  # copy: arrays may be read-only
-    if t.dim() == 2:
-        t = t[None]
-    elif t.dim() == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
-        t = t.permute(2, 0, 1)  # [H,W,C] -> [C,H,W]
-    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
-        raise OmniError(f"image must be [H,W], [H,W,C] or [C,H,W] with C in 1, 3, 4; got shape {tuple(t.shape)}")
-    if t.shape[0] == 4:  # RGBA array: composite onto white, the PIL rule below
-        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-        t = t[:3] * t[3:] + (1 - t[3:])
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    elif t.is_floating_point():
-        t = t.float()
-        lo, hi = float(t.min()), float(t.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise OmniError(f"float image values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-        t = t.clamp(0, 1)
-    else:
-        raise OmniError(f"image dtype {t.dtype} not supported: use uint8 or float in [0, 1]")
-    if min(t.shape[1:]) < 1:
-        raise OmniError(f"image is empty: shape {tuple(t.shape)}")
-    return t.contiguous()
+    @property
+    def end(self) -> int:
+        """One past the piece, closer included."""
+        return self.stop + 1 if self.closed else self.stop
 
 
-# --------------------------------------------------------------------------------------------
-# Layout
-# --------------------------------------------------------------------------------------------
 @dataclass
 class UnifiedVocab:
     """The id layout. Build with :meth:`default`; (de)serialize with :meth:`to_json`/:meth:`from_json`."""
@@ -323,6 +198,108 @@ class UnifiedVocab:
             raise OmniError(f"unknown special {name!r}; specials: {', '.join(self.specials)}")
         return self.specials[name]
 
+    # --- the block grammar ------------------------------------------------------------------
+    @property
+    def openers(self) -> dict[int, str]:
+        """Opener id -> block kind."""
+        return {self.specials[o]: kind for kind, (o, _, _) in BLOCKS.items()}
+
+    def closer(self, kind: str) -> int:
+        """The id that closes a ``kind`` block."""
+        return self.specials[BLOCKS[kind][1]]
+
+    def scan(self, ids: Sequence[int]) -> Iterator[Piece]:
+        """Read ``ids`` into :class:`Piece` s, in order: text runs, blocks, specials, invalid ids.
+
+        A block is its opener, then the codes of its modality, then its closer; a block whose codes
+        are followed by anything else (or by the end) is yielded unclosed, and reading goes on at
+        the id that stopped it.
+        """
+        seq = [int(i) for i in ids]
+        mods, opens = self._modality, self.openers
+        closers = {self.closer(k): o for k, (o, _, _) in BLOCKS.items()}
+        i, n = 0, len(seq)
+        while i < n:
+            t = seq[i]
+            if not 0 <= t < self.size:
+                yield Piece("invalid", i, i + 1, problem=f"id {t} at position {i} is out of range [0, {self.size})")
+                i += 1
+                continue
+            m = mods[t]
+            if m == TEXT:
+                j = i + 1
+                while j < n and 0 <= seq[j] < self.size and mods[seq[j]] == TEXT:
+                    j += 1
+                yield Piece("text", i, j)
+                i = j
+            elif t in opens:
+                kind = opens[t]
+                want = BLOCKS[kind][2]
+                j = i + 1
+                while j < n and 0 <= seq[j] < self.size and mods[seq[j]] == want:
+                    j += 1
+                closed = j < n and seq[j] == self.closer(kind)
+                yield Piece(kind, i, j, closed)
+                i = j + 1 if closed else j
+            elif m in (IMAGE, AUDIO):
+                yield Piece("invalid", i, i + 1, problem=f"{MODALITY_NAMES[m]} code id {t} at position {i} is outside a block")
+                i += 1
+            elif m == UNUSED:
+                yield Piece("invalid", i, i + 1, problem=f"id {t} at position {i} is a padding id (unused by this vocab)")
+                i += 1
+            elif t in closers:
+                yield Piece("invalid", i, i + 1, problem=f"{closers[t].replace('<b', '<e')} at position {i} closes no block")
+                i += 1
+            else:  # a control or routing special
+                yield Piece("special", i, i + 1)
+                i += 1
+
+    def blocks(self, ids: Sequence[int]) -> list[Piece]:
+        """The image and audio blocks of ``ids`` (closed or not), in order."""
+        return [p for p in self.scan(ids) if p.kind in BLOCKS]
+
+    def _markers(self):
+        import numpy as np
+
+        opens = np.array([self.specials[o] for o, _, _ in BLOCKS.values()])
+        closes = np.array([self.specials[c] for _, c, _ in BLOCKS.values()])
+        return opens, closes
+
+    def split_points(self, ids):
+        """bool [T+1] for ids int [T]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves
+        every block whole (vectorized: the block depth after each id)."""
+        import numpy as np
+
+        opens, closes = self._markers()
+        ids = np.asarray(ids)
+        depth = np.cumsum(np.isin(ids, opens).astype(np.int64) - np.isin(ids, closes).astype(np.int64))
+        ok = np.ones(len(ids) + 1, bool)
+        ok[1:] = depth <= 0  # depth[k-1] > 0: a block opened at or before k-1 is still open after it
+        return ok
+
+    def longest_block(self, ids) -> int:
+        """Length of the longest image/audio block of ``ids`` (opener and closer included): the
+        shortest sequence that can hold it, since packing never splits a block."""
+        import numpy as np
+
+        opens, closes = self._markers()
+        ids = np.asarray(ids)
+        starts, ends = np.flatnonzero(np.isin(ids, opens)), np.flatnonzero(np.isin(ids, closes))
+        best = 0
+        for s in starts:
+            after = ends[ends > s]
+            if len(after):
+                best = max(best, int(after[0] - s + 1))
+        return best
+
+    @staticmethod
+    def position_ids(length: int, start: int = 0):
+        """int64 [length]: the positions of a document piece, ``start, start + 1, ...`` (1-D RoPE:
+        every token, block codes included, advances the position by one)."""
+        import numpy as np
+
+        return np.arange(start, start + length, dtype=np.int64)
+
     # --- (de)serialization ---------------------------------------------------------------
     def to_json(self) -> dict:
         return {
@@ -346,315 +323,4 @@ class UnifiedVocab:
             raise OmniError(f"vocab layout has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**data)
 
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-class UnifiedTokenizer:
-    """Documents <-> ids in the unified id space, through the text, image and audio tokenizers."""
-
-    def __init__(
-        self,
-        vocab: UnifiedVocab,
-        text: TextTokenizer | None = None,
-        image: ImageTokenizer | None = None,
-        audio: AudioTokenizer | None = None,
-        text_missing_reason: str | None = None,
-    ):
-        self.vocab = vocab
-        self.text = text
-        self.image = image
-        self.audio = audio
-        self._text_missing_reason = text_missing_reason
-        if text is not None and text.vocab_size != vocab.text_size:
-            raise VocabMismatchError(
-                f"text tokenizer has {text.vocab_size} pieces but the vocab's text range holds {vocab.text_size}"
-            )
-        for name, tok, n in (("image", image, vocab.image_codes), ("audio", audio, vocab.audio_codes)):
-            if tok is not None and tok.codebook_size != n:
-                raise VocabMismatchError(
-                    f"{name} tokenizer has {tok.codebook_size} codes but the vocab's {name} range holds {n}"
-                )
-            if tok is None and n:
-                raise OmniError(f"vocab has {n} {name} codes but no {name} tokenizer was given")
-        from omni.tokenizers.base import settle_codebooks
-
-        for tok in (image, audio):  # a bundle's tokenizers are final: encoding must not change them
-            if tok is not None:
-                settle_codebooks(tok)
-        if image is not None and vocab.image_grid is not None and tuple(image.grid) != tuple(vocab.image_grid):
-            raise VocabMismatchError(f"image tokenizer grid {image.grid} != vocab image_grid {vocab.image_grid}")
-        self.components = self._components()
-
-    @classmethod
-    def build(
-        cls,
-        text: TextTokenizer,
-        image: ImageTokenizer | None = None,
-        audio: AudioTokenizer | None = None,
-        n_reserved_specials: int = 16,
-    ) -> UnifiedTokenizer:
-        """A bundle in the default layout from its modality tokenizers."""
-        vocab = UnifiedVocab.default(
-            text_size=text.vocab_size,
-            image_codes=image.codebook_size if image is not None else 0,
-            audio_codes=audio.codebook_size if audio is not None else 0,
-            n_reserved_specials=n_reserved_specials,
-            image_grid=tuple(image.grid) if image is not None else None,
-        )
-        return cls(vocab, text, image, audio)
-
-    # --- identity ------------------------------------------------------------------------
-    def _components(self) -> dict[str, dict]:
-        comps = {}
-        for name in ("text", "image", "audio"):
-            tok = getattr(self, name)
-            if tok is not None:
-                comps[name] = {"kind": tok.kind, "fingerprint": tok.fingerprint()}
-        return comps
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the layout and each tokenizer's fingerprint: equal iff ids mean the same."""
-        blob = json.dumps({"layout": self.vocab.to_json(), "tokenizers": self.components}, sort_keys=True)
-        return sha256_bytes(blob.encode())
-
-    def identity(self) -> dict:
-        """What artifacts made with this bundle record (checkpoints, token datasets, id files)."""
-        return {"fingerprint": self.fingerprint, "tokenizers": self.components, "vocab_size": self.vocab.size}
-
-    def check_compatible(self, recorded: dict | str, what: str = "these ids") -> None:
-        """Refuse ``what`` unless it was made with this bundle; the message says what differs."""
-        if isinstance(recorded, str):
-            recorded = {"fingerprint": recorded}
-        fp = recorded.get("fingerprint")
-        if fp == self.fingerprint:
-            return
-        diffs = []
-        theirs = recorded.get("tokenizers")
-        if theirs is not None:
-            for name in ("text", "image", "audio"):
-                a, b = theirs.get(name), self.components.get(name)
-                if a != b:
-                    desc = lambda c: "none" if c is None else f"{c['kind']} {c['fingerprint'][:12]}"  # noqa: E731
-                    diffs.append(f"{name} tokenizer {desc(a)} vs {desc(b)}")
-            if not diffs:
-                diffs.append(f"id layout (vocab size {recorded.get('vocab_size')} vs {self.vocab.size})")
-        detail = "; ".join(diffs) if diffs else f"fingerprint {str(fp)[:12]} vs {self.fingerprint[:12]}"
-        raise VocabMismatchError(f"{what} were made with another tokenizer bundle: {detail}")
-
-    # --- encode --------------------------------------------------------------------------
-    def _need(self, name: str):
-        tok = getattr(self, name)
-        if tok is None:
-            reason = self._text_missing_reason if name == "text" else None
-            raise OmniError(reason or f"this tokenizer bundle has no {name} tokenizer")
-        return tok
-
-    def encode_text(self, text: str) -> list[int]:
-        """Text -> global ids (never specials: a typed '<boi>' stays text)."""
-        return list(self._need("text").encode(text))
-
-    def encode(self, doc: Document | Segment | str, bos: bool = True, eos: bool = False,
-               return_modality: bool = False):
-        """Document -> 1-D LongTensor of ids (and, with ``return_modality``, a uint8 modality per id)."""
-        import torch
-
-        if isinstance(doc, str):
-            doc = Document([Text(doc)])
-        elif isinstance(doc, (Text, Image, Audio)):
-            doc = Document([doc])
-        if not isinstance(doc, Document):
-            raise OmniError(f"encode expects a Document, a segment or a str, got {type(doc).__name__}")
-        v = self.vocab
-        ids: list[int] = [v.special("<bos>")] if bos else []
-        for seg in doc.segments:
-            if isinstance(seg, Text):
-                ids.extend(self.encode_text(seg.text))
-            elif isinstance(seg, Image):
-                tok = self._need("image")
-                pixels = tok.preprocess(seg.pixels)[None]  # [1,3,H,W]
-                with torch.no_grad():
-                    codes = tok.encode(pixels)[0].reshape(-1)  # [h*w], row-major
-                ids.append(v.special("<boi>"))
-                ids.extend(v.image_code_to_id(codes.long()).tolist())
-                ids.append(v.special("<eoi>"))
-            elif isinstance(seg, Audio):
-                tok = self._need("audio")
-                with torch.no_grad():
-                    codes = tok.encode(seg.wave, seg.sample_rate).reshape(-1)
-                ids.append(v.special("<boa>"))
-                ids.extend(v.audio_code_to_id(codes.long()).tolist())
-                ids.append(v.special("<eoa>"))
-            else:
-                raise OmniError(f"unknown segment type {type(seg).__name__}; expected Text, Image or Audio")
-        if eos:
-            ids.append(v.special("<eos>"))
-        out = torch.tensor(ids, dtype=torch.long)
-        return (out, self.modality(out)) if return_modality else out
-
-    def modality(self, ids):
-        """uint8 tensor of the same shape: TEXT, SPECIAL, IMAGE, AUDIO or UNUSED per id."""
-        import torch
-
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        return self.vocab.modality_table[ids]
-
-    # --- decode --------------------------------------------------------------------------
-    def decode(self, ids: Sequence[int] | Any, strict: bool = True) -> Document:
-        """ids -> Document.
-
-        Strict mode raises :class:`DecodeError` at the first malformed part (an id out of range,
-        an image block of the wrong length, an unclosed block, a code outside a block). Lenient
-        mode (``strict=False``) keeps what decodes and lists what it dropped in ``Document.dropped``.
-        """
-        v = self.vocab
-        seq = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
-        mods = v._modality
-        sp = v.specials
-        boi, eoi, boa, eoa = sp["<boi>"], sp["<eoi>"], sp["<boa>"], sp["<eoa>"]
-        doc = Document()
-        text_run: list[int] = []
-
-        def problem(msg: str) -> None:
-            if strict:
-                raise DecodeError(msg)
-            doc.dropped.append(msg)
-
-        def flush_text() -> None:
-            if text_run:
-                if self.text is None:
-                    problem(f"{len(text_run)} text ids dropped: the bundle has no text tokenizer")
-                else:
-                    s = self.text.decode(text_run)
-                    if doc.segments and isinstance(doc.segments[-1], Text):
-                        doc.segments[-1].text += s
-                    else:
-                        doc.segments.append(Text(s))
-                text_run.clear()
-
-        i, n = 0, len(seq)
-        while i < n:
-            t = seq[i]
-            if not 0 <= t < v.size:
-                problem(f"id {t} at position {i} is out of range [0, {v.size})")
-                i += 1
-                continue
-            m = mods[t]
-            if m == TEXT:
-                text_run.append(t)
-                i += 1
-            elif t in (boi, boa):
-                flush_text()
-                name, want, close = ("image", IMAGE, eoi) if t == boi else ("audio", AUDIO, eoa)
-                j = i + 1
-                while j < n and 0 <= seq[j] < v.size and mods[seq[j]] == want:
-                    j += 1
-                codes = seq[i + 1 : j]
-                closed = j < n and seq[j] == close
-                if not closed:
-                    got = "the end of the sequence" if j >= n else f"id {seq[j]}"
-                    problem(f"{name} block opened at position {i} is not closed: {got} at position {j} after {len(codes)} codes")
-                    i = j
-                    continue
-                if name == "image":
-                    self._decode_image(codes, i, doc, problem)
-                else:
-                    self._decode_audio(codes, i, doc, problem)
-                i = j + 1
-            elif m in (IMAGE, AUDIO):
-                problem(f"{MODALITY_NAMES[m]} code id {t} at position {i} is outside a block")
-                i += 1
-            elif m == UNUSED:
-                problem(f"id {t} at position {i} is a padding id (unused by this vocab)")
-                i += 1
-            else:  # <eoi>/<eoa> without an opener, or a control / routing special
-                if t in (eoi, eoa):
-                    problem(f"{'<eoi>' if t == eoi else '<eoa>'} at position {i} closes no block")
-                i += 1
-        flush_text()
-        return doc
-
-    def _decode_image(self, codes_ids: list[int], pos: int, doc: Document, problem) -> None:
-        import torch
-
-        tok = self.image
-        if tok is None:
-            problem(f"image block at position {pos} dropped: the bundle has no image tokenizer")
-            return
-        h, w = self.vocab.image_grid or tok.grid
-        if len(codes_ids) != h * w:
-            problem(f"image block at position {pos} has {len(codes_ids)} codes; an image needs exactly {h * w} ({h}x{w})")
-            return
-        codes = self.vocab.id_to_code(torch.tensor(codes_ids)).reshape(1, h, w)
-        with torch.no_grad():
-            pixels = tok.decode(codes)[0]
-        doc.segments.append(Image(pixels.clamp(0, 1)))
-
-    def _decode_audio(self, codes_ids: list[int], pos: int, doc: Document, problem) -> None:
-        import torch
-
-        tok = self.audio
-        if tok is None:
-            problem(f"audio block at position {pos} dropped: the bundle has no audio tokenizer")
-            return
-        if not codes_ids:
-            problem(f"audio block at position {pos} is empty")
-            return
-        codes = self.vocab.id_to_code(torch.tensor(codes_ids))
-        with torch.no_grad():
-            wave, sr = tok.decode(codes)
-        doc.segments.append(Audio(wave, sr))
-
-    # --- persistence ---------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle: vocab.json plus text/, image/, audio/ folders."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        from omni.tokenizers.base import save_tokenizer
-
-        for name in ("text", "image", "audio"):
-            tok = getattr(self, name)
-            if tok is not None:
-                save_tokenizer(tok, d / name)
-        meta = {
-            "format": FORMAT_VERSION,
-            "layout": self.vocab.to_json(),
-            "tokenizers": self.components,
-            "fingerprint": self.fingerprint,
-        }
-        if self.text is None and self._text_missing_reason:
-            meta["text_missing_reason"] = self._text_missing_reason
-        atomic_write_text(d / VOCAB_FILE, json.dumps(meta, indent=1) + "\n")
-        return d
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> UnifiedTokenizer:
-        """Load a bundle written by :meth:`save`; each tokenizer's fingerprint is checked."""
-        from omni.tokenizers.base import load_tokenizer
-
-        d = Path(directory)
-        meta = read_json(d / VOCAB_FILE, f"{d} is not a tokenizer bundle: {VOCAB_FILE} is missing",
-                         FORMAT_VERSION, "bundle")
-        vocab = UnifiedVocab.from_json(meta["layout"])
-        recorded = meta.get("tokenizers", {})
-        loaded: dict[str, Any] = {}
-        for name, info in recorded.items():
-            tok = load_tokenizer(d / name, modality=name)
-            fp = tok.fingerprint()
-            if fp != info["fingerprint"]:
-                raise VocabMismatchError(
-                    f"{d / name}: {name} tokenizer files changed since the bundle was made "
-                    f"(fingerprint {fp[:12]}, vocab.json records {info['fingerprint'][:12]})"
-                )
-            loaded[name] = tok
-        return cls(vocab, text_missing_reason=meta.get("text_missing_reason"), **loaded)
-
-    def __repr__(self) -> str:
-        parts = [f"vocab_size={self.vocab.size}", f"text={self.vocab.text_size}"]
-        if self.image is not None:
-            parts.append(f"image={self.vocab.image_codes}x{self.vocab.image_grid}")
-        if self.audio is not None:
-            parts.append(f"audio={self.vocab.audio_codes}")
-        return f"UnifiedTokenizer({', '.join(parts)}, fingerprint={self.fingerprint[:12]})"
 

@@ -55,7 +55,7 @@ def audio_double():
 @pytest.fixture(scope="session")
 def tokenizer(text_tokenizer, image_double, audio_double):
     """A full bundle: real text tokenizer, test-double image and audio tokenizers."""
-    from omni.vocab import UnifiedTokenizer
+    from omni.bundle import UnifiedTokenizer
 
     return UnifiedTokenizer.build(text_tokenizer, image_double, audio_double)
 
@@ -105,11 +105,11 @@ def real_tokenizer(text_tokenizer):
     """A bundle of the real tokenizers at tiny sizes, random init: VQ image (32 px -> 4x4 codes of 64)
     and whisper-VQ audio (25 Hz, 16 codes). Random weights code deterministically, which is all the
     data and generation plumbing needs."""
+    from omni.bundle import UnifiedTokenizer
     from omni.config.audio_tokenizer import AudioTokenizerConfig
     from omni.config.image_tokenizer import ImageTokenizerConfig
     from omni.tokenizers.audio import WhisperVQAudioTokenizer
     from omni.tokenizers.image import VQImageTokenizer
-    from omni.vocab import UnifiedTokenizer
 
     torch_seed()
     image = VQImageTokenizer(ImageTokenizerConfig(

@@ -122,8 +122,9 @@ def test_clip_durations_round_trip_within_one_token(trained, seconds):
 
 
 def test_save_load_gives_the_same_codes_and_bundles(trained, text_tokenizer, tmp_path):
+    from omni.bundle import UnifiedTokenizer
+    from omni.document import Audio, Document, Text
     from omni.tokenizers.base import load_tokenizer
-    from omni.vocab import Audio, Document, Text, UnifiedTokenizer
 
     tok, out, _ = trained
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
@@ -224,17 +225,18 @@ def test_reading_audio_skips_bad_files_with_counts(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    clips, stats = load_clips(d)
-    assert stats.clips == len(clips) == 4  # stereo.wav, mono.flac, clip.ogg, shard's a.wav
-    assert dict(stats.skipped) == {"empty": 1, "silent": 1, "corrupt or unreadable": 2, "unsupported format": 1}
+    clips, report = load_clips(d)
+    assert report.read == len(clips) == 4  # stereo.wav, mono.flac, clip.ogg, shard's a.wav
+    # empty.wav, silent.wav, corrupt.wav and the shard's b.flac; song.mp3 would need ffmpeg
+    assert dict(report.skipped) == {"corrupt_audio": 4, "unsupported_format": 1}
     for clip in clips:
         assert clip.wave.ndim == 1 and abs(len(clip.wave) - SAMPLE_RATE) <= 1  # 1 s, mono, 16 kHz
-    assert "skipped" in stats.summary() and "song.mp3" in stats.summary()
+    assert "skipped" in str(report) and "song.mp3" in str(report)
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.wav").write_bytes(b"nope")
-    with pytest.raises(OmniError, match=r"no usable audio in .*1 corrupt or unreadable"):
+    with pytest.raises(OmniError, match=r"no usable audio in .*1 corrupt_audio"):
         load_clips(bad)
     with pytest.raises(OmniError, match="audio data not found"):
         load_clips(tmp_path / "missing")
@@ -279,7 +281,7 @@ def test_cli_data_errors(tmp_path):
     (tmp_path / "only_bad").mkdir()
     (tmp_path / "only_bad" / "a.mp3").write_bytes(b"x")
     rc, _, stderr = run_cli("tokenizer", "train", "audio", "--data", tmp_path / "only_bad", "--out", tmp_path / "o")
-    assert rc == 2 and "no usable audio" in stderr and "1 unsupported format" in stderr
+    assert rc == 2 and "no usable audio" in stderr and "1 unsupported_format" in stderr
     rc, _, stderr = run_cli("tokenizer", "eval", "audio", "--tokenizer", tmp_path / "nowhere", "--data", tmp_path)
     assert rc == 2 and "tokenizer folder not found" in stderr
 

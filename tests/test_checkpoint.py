@@ -79,7 +79,7 @@ def test_refusals(saved, tiny_model_config, tokenizer, text_tokenizer, image_dou
     with pytest.raises(OmniError, match="n_layers 2 vs 3"):
         load_weights(OmniDecoder(dataclasses.replace(tiny_model_config, n_layers=3)), path)
 
-    from omni.vocab import UnifiedTokenizer
+    from omni.bundle import UnifiedTokenizer
 
     no_audio = UnifiedTokenizer.build(text_tokenizer, image_double)  # other ids
     with pytest.raises(VocabMismatchError, match="another tokenizer bundle: audio tokenizer test-envelope [0-9a-f]+ vs none"):

@@ -100,7 +100,7 @@ def bundle_dir(tmp_path_factory, tokenizer):
 
 
 def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, tokenizer, bundle_dir, real_samples):
-    from omni.data.packing import BlendedSequences, DocumentPacker, TokenDataset, split_points, unpack
+    from omni.data.packing import BlendedSequences, DocumentPacker, TokenDataset, unpack
     from omni.data.preprocess import encode_sample, preprocess
     from omni.data.samples import parse_sample
 
@@ -141,15 +141,13 @@ def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, token
     for (_, _, i), toks in docs.items():
         assert np.array_equal(toks, ds.document(i)[0]), f"document {i} differs after packing"
     v = tokenizer.vocab
-    opens = np.array([v.specials["<boi>"], v.specials["<boa>"]])
-    closes = np.array([v.specials["<eoi>"], v.specials["<eoa>"]])
     n_split = 0
     for s in seqs:
         assert s.input_ids.shape == (seq_len,) and np.array_equal(s.input_ids[1:], s.labels[:-1])
         for _, _, doc, start, length in s.spans:
-            full = ds.document(doc)[0]
-            ok = split_points(full, opens, closes)
-            assert ok[start] and ok[start + length], "a document was split inside an image/audio block"
+            blocks = [(b.start, b.end) for b in v.blocks(ds.document(doc)[0])]  # the grammar's blocks
+            for cut in (start, start + length):
+                assert not any(a < cut < e for a, e in blocks), "a document was split inside an image/audio block"
             n_split += start > 0
         # positions restart per piece; loss never crosses a piece boundary
         for k in range(1, seq_len):
@@ -288,7 +286,7 @@ def test_bad_preprocess_inputs(tmp_path, bundle_dir, real_samples, text_tokenize
 
     preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "tok", progress=False)
     other = omni.UnifiedTokenizer.build(text_tokenizer)
-    with pytest.raises(omni.vocab.VocabMismatchError, match="token dataset"):
+    with pytest.raises(omni.errors.VocabMismatchError, match="token dataset"):
         TokenDataset(tmp_path / "tok", other)
     # resuming into a folder started with other options is refused
     rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,

@@ -71,8 +71,9 @@ def test_codes_equal_transformers(chameleon_dir):
 
 
 def test_import_encodes_through_the_bundle_and_refuses_decode(chameleon_dir, text_tokenizer):
+    from omni.bundle import UnifiedTokenizer
+    from omni.document import Document, Image
     from omni.tokenizers.image_chameleon import import_chameleon_vqgan
-    from omni.vocab import Document, Image, UnifiedTokenizer
 
     d, _ = chameleon_dir
     with pytest.warns(UserWarning):

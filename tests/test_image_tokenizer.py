@@ -92,8 +92,9 @@ def test_unified_tokenizer_fixed_codes_per_image_any_size_and_mode(text_tokenize
     """Other sizes/aspect ratios go through ImageTokenizer.preprocess; gray, RGBA, palette are converted."""
     from PIL import Image as PILImage
 
+    from omni.bundle import UnifiedTokenizer
+    from omni.document import Document, Image, Text
     from omni.tokenizers.image import VQImageTokenizer
-    from omni.vocab import Document, Image, Text, UnifiedTokenizer
 
     tok = VQImageTokenizer(tiny()).eval()
     bundle = UnifiedTokenizer.build(text_tokenizer, tok)
@@ -142,14 +143,14 @@ def messy_dir(tmp_path_factory):
 
 
 def test_reader_converts_and_counts_bad_input(messy_dir):
-    from omni.tokenizers.image_train import DataReport, iter_images
+    from omni.media import SkipReport
+    from omni.tokenizers.image_train import iter_images
 
-    report = DataReport()
+    report = SkipReport()
     images = list(iter_images(str(messy_dir), report, min_side=16))
     assert len(images) == 4 + 3 + 2  # photos, gray/rgba/palette, two good shard members
     assert all(a.shape[2] == 3 and a.dtype.name == "uint8" for _, a in images)
-    assert report.skipped == {"not an image file": 1, "not an image": 2, "corrupt image": 1,
-                              "tiny image (shorter side < 16 px)": 1}
+    assert report.skipped == {"unsupported_format": 1, "corrupt_image": 3, "too_small": 1}
     assert report.converted["L"] == 1 and report.converted["RGBA"] == 1 and report.converted["P"] == 1
     rgba = dict(images)[str(messy_dir / "rgba.png")]
     assert rgba.shape == (512, 512, 3)
@@ -171,14 +172,15 @@ def test_ssim_matches_scikit_image(crops):
 @pytest.mark.slow
 def test_short_training_beats_mean_color_baseline_and_uses_the_codebook(tmp_path):
     """About 30 s on real photo crops: held-out PSNR clearly above the mean-color baseline."""
+    from omni.media import SkipReport
     from omni.tokenizers.image import VQImageTokenizer
-    from omni.tokenizers.image_train import DataReport, eval_images, evaluate, train_image_tokenizer
+    from omni.tokenizers.image_train import eval_images, evaluate, train_image_tokenizer
 
     model = tiny(channel_multiplier=[1, 2, 2], codebook_size=128, norm_groups=0)  # 4x: 8x8 codes of 32 px
     cfg = ImageTrainConfig(model=model, steps=300, batch_size=8, lr=5e-3, recon_loss="l2",
                            warmup_steps=10, betas=[0.9, 0.99], eval_every=0, save_every=0, eval_crops_per_image=32,
                            log_every=50, threads=1)
-    held = eval_images("photos:heldout", 32, 32, 2048, DataReport(), seed=0)
+    held = eval_images("photos:heldout", 32, 32, 2048, SkipReport(), seed=0)
     torch.manual_seed(cfg.seed)
     before = evaluate(VQImageTokenizer(cfg.model).eval(), held)
     tok = train_image_tokenizer("photos:train", tmp_path / "run", cfg, eval_data="photos:heldout", progress=False,
@@ -272,7 +274,7 @@ def test_cli_errors_exit_2(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.txt").write_text("x")
     rc, _, err = run_cli("tokenizer", "train", "image", "--data", str(tmp_path / "junk"), "--out", str(tmp_path / "o"))
-    assert rc == 2 and "no readable images" in err and "not an image file" in err
+    assert rc == 2 and "no readable images" in err and "unsupported_format" in err
     rc, _, err = run_cli("tokenizer", "train", "image", "--data", "photos:heldout", "--out", str(tmp_path / "o"),
                          "model.quantizer=pq")
     assert rc == 2 and "model.quantizer='pq' is invalid" in err

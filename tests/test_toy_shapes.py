@@ -131,7 +131,7 @@ def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
 
 def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, real_tokenizer):
     from omni.data.samples import parse_sample
-    from omni.vocab import Audio, Image, Text
+    from omni.document import Audio, Image, Text
 
     paths = toy.write_shards(tmp_path / "raw", 5, "train", scenes_per_shard=3)
     assert [p.name for p in paths] == ["shapes-train-000.tar", "shapes-train-001.tar"]

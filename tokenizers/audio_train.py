@@ -14,16 +14,12 @@ codebook usage, tokens per second, envelope correlation and encode/decode real-t
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import tarfile
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,18 +27,15 @@ import torch.nn.functional as F
 
 from omni.config.audio_tokenizer import AudioTokenizerRecipe
 from omni.errors import OmniError
+from omni.media import AUDIO_EXTS, BadSample, SkipReport, expand_sources, iter_media, read_audio
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQ, WhisperVQAudioTokenizer, mel_to_wave
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-"""Read through soundfile."""
-UNSUPPORTED_EXTENSIONS = (".mp3", ".m4a", ".aac", ".opus", ".wma", ".webm", ".mp4", ".amr", ".aiff", ".aif")
-"""Audio formats that are counted as skipped (they would need ffmpeg)."""
 SILENCE = 1e-4
-"""Clips whose peak stays below this are silent-only and skipped."""
+"""Clips whose peak stays below this are silent-only and skipped (``corrupt_audio``)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading audio
+# Reading audio (omni.media: one reader, one skip report)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Clip:
@@ -55,120 +48,42 @@ class Clip:
         return len(self.wave) / SAMPLE_RATE
 
 
-@dataclass
-class ReadStats:
-    """What reading a data source found: clips kept and files skipped, by reason."""
-
-    clips: int = 0
-    seconds: float = 0.0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-
-    def skip(self, reason: str, name: str) -> None:
-        self.skipped[reason] += 1
-        self.examples.setdefault(reason, name)
-
-    def summary(self) -> str:
-        s = f"{self.clips} clips, {self.seconds:.1f} s of audio"
-        if self.skipped:
-            s += "; skipped " + ", ".join(f"{n} {r} (e.g. {self.examples[r]})" for r, n in sorted(self.skipped.items()))
-        return s
-
-    def to_json(self) -> dict:
-        return {"clips": self.clips, "seconds": round(self.seconds, 3), "skipped": dict(self.skipped)}
-
-
-def decode_audio(data: bytes | str | os.PathLike, name: str, stats: ReadStats) -> np.ndarray | None:
-    """Bytes or a path of a wav/flac/ogg file -> float32 mono [T16] at 16 kHz, or None (counted in ``stats``)."""
-    import soundfile as sf
-
+def iter_clips(data, report: SkipReport, limit: int | None = None) -> Iterator[Clip]:
+    """Clips from folders, audio files and WebDataset .tar shards, in a fixed (sorted) order:
+    averaged to mono and resampled to 16 kHz; unreadable, empty and silent clips go to ``report``."""
     from omni.tokenizers.audio import to_mono_16k
 
-    try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else str(data)
-        wave, sr = sf.read(src, dtype="float32", always_2d=True)  # [T, C]
-    except Exception:  # noqa: BLE001 - libsndfile raises several types for bad files
-        stats.skip("corrupt or unreadable", name)
-        return None
-    if wave.shape[0] == 0:
-        stats.skip("empty", name)
-        return None
-    if not np.isfinite(wave).all():
-        stats.skip("corrupt or unreadable", name)
-        return None
-    if float(np.abs(wave).max()) < SILENCE:
-        stats.skip("silent", name)
-        return None
-    return to_mono_16k(torch.from_numpy(wave.T.copy()), sr).numpy()
-
-
-def _sources(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    if not items:
-        raise OmniError("no audio data given")
-    out = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise OmniError(f"audio data not found: {p} (give a folder of wav/flac/ogg files or .tar shards)")
-    return out
-
-
-def iter_clips(data, stats: ReadStats, limit: int | None = None) -> Iterator[Clip]:
-    """Clips from folders, audio files and WebDataset .tar shards, in a fixed (sorted) order."""
-
-    def keep(wave: np.ndarray | None, name: str) -> Clip | None:
-        if wave is None:
-            return None
-        stats.clips += 1
-        stats.seconds += len(wave) / SAMPLE_RATE
-        return Clip(name, wave)
-
     n = 0
-    for path in _sources(data):
+    for name, data_bytes in iter_media(expand_sources(data, "audio"), "audio", report):
         if limit is not None and n >= limit:
             return
-        suffix = path.suffix.lower()
-        if suffix == ".tar":
-            try:
-                with tarfile.open(path) as tar:
-                    for member in tar:
-                        if limit is not None and n >= limit:
-                            return
-                        msuf = Path(member.name).suffix.lower()
-                        name = f"{path}:{member.name}"
-                        if not member.isfile():
-                            continue
-                        if msuf in UNSUPPORTED_EXTENSIONS:
-                            stats.skip("unsupported format", name)
-                        elif msuf in AUDIO_EXTENSIONS:
-                            f = tar.extractfile(member)
-                            clip = keep(decode_audio(f.read() if f else b"", name, stats), name)
-                            if clip is not None:
-                                n += 1
-                                yield clip
-            except (tarfile.TarError, OSError):
-                stats.skip("corrupt or unreadable", str(path))
-        elif suffix in AUDIO_EXTENSIONS:
-            clip = keep(decode_audio(path, str(path), stats), str(path))
-            if clip is not None:
-                n += 1
-                yield clip
-        elif suffix in UNSUPPORTED_EXTENSIONS:
-            stats.skip("unsupported format", str(path))
+        try:
+            wave, sr = read_audio(data_bytes, silence=SILENCE)  # [C, T]
+        except BadSample as e:
+            report.skip(e.reason, name, e.detail)
+            continue
+        report.read += 1
+        n += 1
+        yield Clip(name, to_mono_16k(torch.from_numpy(wave), sr).numpy())
 
 
-def load_clips(data, limit: int | None = None) -> tuple[list[Clip], ReadStats]:
-    stats = ReadStats()
-    clips = list(iter_clips(data, stats, limit))
+def load_clips(data, limit: int | None = None) -> tuple[list[Clip], SkipReport]:
+    report = SkipReport()
+    clips = list(iter_clips(data, report, limit))
     if not clips:
-        raise OmniError(f"no usable audio in {data}: {stats.summary()} (supported: {', '.join(AUDIO_EXTENSIONS)} "
+        raise OmniError(f"no usable audio in {data}: {report} (supported: {', '.join(AUDIO_EXTS)} "
                         "files in folders or WebDataset .tar shards)")
-    return clips, stats
+    return clips, report
+
+
+def describe(clips: list[Clip], report: SkipReport) -> str:
+    """One line: clips kept, seconds of audio, what was skipped."""
+    return f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; {report}"
+
+
+def data_json(clips: list[Clip], report: SkipReport) -> dict:
+    return {"clips": len(clips), "seconds": round(sum(c.seconds for c in clips), 3),
+            "skipped": dict(sorted(report.skipped.items()))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +164,7 @@ def _train(data, recipe: AudioTokenizerRecipe, out, progress: bool) -> tuple[Whi
     torch.manual_seed(tcfg.seed)
     clips, stats = load_clips(data, tcfg.max_clips)
     if progress:
-        print(f"audio data: {stats.summary()}")
+        print(f"audio data: {describe(clips, stats)}")
     tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)
     model = tok.model.train()
     if tok.config.freeze_encoder:
@@ -293,7 +208,7 @@ def _train(data, recipe: AudioTokenizerRecipe, out, progress: bool) -> tuple[Whi
     if bar is not None:
         bar.close()
     model.eval()
-    summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1), "data": stats.to_json(),
+    summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1), "data": data_json(clips, stats),
                "final": last}
     if out is not None:
         d = save_tokenizer(tok, out)
@@ -376,15 +291,14 @@ def evaluate_audio_tokenizer(tok: WhisperVQAudioTokenizer, data, max_clips: int 
         "encode_rtf": t_enc / seconds,
         "decode_rtf": (t_dec + t_voc) / seconds,
         "vocoder_rtf": t_voc / seconds,
-        "data": stats.to_json(),
+        "data": data_json(clips, stats),
         "torch_threads": torch.get_num_threads(),
     }
 
 
 __all__ = [
     "Clip",
-    "ReadStats",
-    "decode_audio",
+    "describe",
     "envelope_correlation",
     "evaluate_audio_tokenizer",
     "iter_clips",

@@ -27,14 +27,10 @@ Output folder: the tokenizer (``model.safetensors``, ``config.yaml``, ``tokenize
 
 from __future__ import annotations
 
-import glob
-import io
 import json
 import math
 import os
-import tarfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -45,9 +41,9 @@ from torch import nn
 
 from omni.config.image_tokenizer import ImageTrainConfig
 from omni.errors import OmniError
+from omni.media import BadSample, SkipReport, expand_sources, iter_media, read_image
 from omni.tokenizers.image import VQImageTokenizer
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 STATE_FILE = "train_state.safetensors"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 LOG_FILE = "train_log.jsonl"
@@ -55,157 +51,29 @@ EVAL_FILE = "eval.json"
 
 
 # ------------------------------------------------------------------------------------------
-# Reading images
+# Reading images (omni.media: one reader, one skip report)
 # ------------------------------------------------------------------------------------------
-class DataReport:
-    """Counts of what the reader skipped (by reason) and converted (by PIL mode)."""
-
-    def __init__(self) -> None:
-        self.read = 0
-        self.skipped: Counter[str] = Counter()
-        self.converted: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}
-
-    def skip(self, reason: str, what: str) -> None:
-        self.skipped[reason] += 1
-        self.examples.setdefault(reason, what)
-
-    def to_dict(self) -> dict:
-        return {"read": self.read, "skipped": dict(self.skipped), "converted": dict(self.converted),
-                "examples": self.examples}
-
-    def __str__(self) -> str:
-        s = f"read {self.read} images"
-        if self.skipped:
-            s += "; skipped " + ", ".join(f"{n} {r} (e.g. {self.examples[r]})" for r, n in sorted(self.skipped.items()))
-        if self.converted:
-            s += "; converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(self.converted.items()))
-        return s
-
-
-def decode_image(data: bytes, report: DataReport, what: str):
-    """Encoded image bytes -> uint8 [H,W,3], or None (counted in ``report``) when unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # truncated files fail here, not later
-            return to_rgb_array(im, report)
-    except UnidentifiedImageError:
-        report.skip("not an image", what)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        report.skip("corrupt image", f"{what}: {e}")
-    return None
-
-
-def to_rgb_array(im, report: DataReport | None = None):
-    """A PIL image of any mode -> uint8 [H,W,3] (omni.vocab.pil_to_rgb's rule), counting conversions."""
-    from omni.vocab import pil_to_rgb
-
-    if im.mode != "RGB" and report is not None:
-        report.converted[im.mode] += 1
-    return pil_to_rgb(im)
-
-
-def expand_data(data: str | Sequence[str]) -> list[str]:
-    """``--data`` values -> a list of sources: folders, files, shards (globs expanded) or photos:SPLIT."""
-    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    out: list[str] = []
-    for item in items:
-        item = str(item)
-        if item.startswith("photos:"):
-            from omni.toy.photos import SPLITS
-
-            if item[len("photos:"):] not in SPLITS:
-                raise OmniError(f"unknown data source {item!r}; photo splits: "
-                                + ", ".join(f"photos:{s}" for s in SPLITS))
-            out.append(item)
-        elif any(c in item for c in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise OmniError(f"data glob {item!r} matches no files")
-            out.extend(matches)
-        elif Path(item).exists():
-            out.append(item)
-        else:
-            raise OmniError(f"data not found: {item} (give image folders, image files, .tar shards, "
-                            f"globs, or photos:train / photos:heldout)")
-    return out
-
-
-def _source_files(sources: Sequence[str]) -> list[str]:
-    files: list[str] = []
-    for s in sources:
-        p = Path(s)
-        if s.startswith("photos:") or p.is_file():
-            files.append(s)
-        else:  # a folder: every non-hidden file below it, sorted
-            files.extend(str(f) for f in sorted(p.rglob("*"))
-                         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    return files
-
-
-def iter_images(data: str | Sequence[str], report: DataReport, min_side: int = 1,
+def iter_images(data: str | Sequence[str], report: SkipReport, min_side: int = 1,
                 order_seed: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, uint8 [H,W,3])`` for every readable image in ``data``; skips go to ``report``.
 
     ``order_seed`` shuffles the order of files and shards (not the members inside a shard).
     """
-    files = _source_files(expand_data(data))
+    files = expand_sources(data, "image")
     if order_seed is not None:
         np.random.default_rng(order_seed).shuffle(files)
-    for f in files:
-        if f.startswith("photos:"):
-            from omni.toy.photos import photos
-
-            items: Iterator = ((n, a) for n, a in photos(f[len("photos:"):]))
-        elif f.endswith(".tar"):
-            items = _iter_shard(f, report)
-        elif Path(f).suffix.lower() in IMAGE_EXTS:
-            items = _iter_file(f, report)
-        else:
-            report.skip("not an image file", f)
-            continue
-        for name, a in items:
-            if min(a.shape[:2]) < min_side:
-                report.skip(f"tiny image (shorter side < {min_side} px)", f"{name}: {a.shape[1]}x{a.shape[0]}")
+    for name, item in iter_media(files, "image", report):
+        if isinstance(item, bytes):
+            try:
+                item = read_image(item, report)
+            except BadSample as e:
+                report.skip(e.reason, name, e.detail)
                 continue
-            report.read += 1
-            yield name, a
-
-
-def _iter_file(path: str, report: DataReport):
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        report.skip("unreadable file", f"{path}: {e}")
-        return
-    a = decode_image(data, report, path)
-    if a is not None:
-        yield path, a
-
-
-def _iter_shard(path: str, report: DataReport):
-    """Image members of a WebDataset shard (``key.ext`` members); other members are ignored.
-
-    The stdlib's streaming tarfile reader is what webdataset uses underneath; reading it directly
-    lets a truncated shard end with a count instead of an exception.
-    """
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                ext = "." + member.name.rsplit(".", 1)[-1].lower() if "." in member.name else ""
-                if ext not in IMAGE_EXTS:
-                    continue
-                fobj = tar.extractfile(member)
-                data = fobj.read() if fobj is not None else b""
-                a = decode_image(data, report, f"{path}:{member.name}")
-                if a is not None:
-                    yield f"{path}:{member.name}", a
-    except (tarfile.TarError, OSError, EOFError) as e:
-        report.skip("unreadable shard (rest of it)", f"{path}: {e}")
+        if min(item.shape[:2]) < min_side:
+            report.skip("too_small", name, f"{item.shape[1]}x{item.shape[0]}, shorter side < {min_side} px")
+            continue
+        report.read += 1
+        yield name, item
 
 
 def _to_float(a: np.ndarray) -> torch.Tensor:
@@ -233,7 +101,7 @@ def random_crop(a: np.ndarray, size: int, scale: Sequence[float], rng: np.random
 class CropSampler:
     """Random training crops from a buffer of decoded images (see the module docstring)."""
 
-    def __init__(self, data, cfg: ImageTrainConfig, report: DataReport):
+    def __init__(self, data, cfg: ImageTrainConfig, report: SkipReport):
         self.data, self.cfg, self.report = data, cfg, report
         self.size = cfg.model.image_size
         self.epoch = 0
@@ -275,7 +143,7 @@ class CropSampler:
                             for i in picks])
 
 
-def eval_images(data, size: int, crops_per_image: int, max_images: int, report: DataReport,
+def eval_images(data, size: int, crops_per_image: int, max_images: int, report: SkipReport,
                 min_side: int = 1, seed: int = 0, preprocess: Callable | None = None) -> torch.Tensor:
     """The fixed evaluation set: float [N,3,size,size].
 
@@ -593,9 +461,9 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
         start = int(meta["step"])
         log(f"resuming {out} at step {start}")
 
-    report = DataReport()
+    report = SkipReport()
     sampler = CropSampler(data, cfg, report)
-    eval_report = DataReport()
+    eval_report = SkipReport()
     if eval_data is not None:
         eval_set = eval_images(eval_data, cfg.model.image_size, cfg.eval_crops_per_image, cfg.eval_max_images,
                                eval_report, cfg.min_image_side, cfg.seed, tok.preprocess)
@@ -614,7 +482,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
 
-    write_log({"event": "data", "train": report.to_dict(), "eval": eval_report.to_dict(), "eval_on": eval_on})
+    write_log({"event": "data", "train": report.to_json(), "eval": eval_report.to_json(), "eval_on": eval_on})
 
     if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
         # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _prompt(text: str | None, image: str | None, audio: str | None):
     from omni.commands.tokenizer import read_audio_file, read_image_file
-    from omni.vocab import Document, Text
+    from omni.document import Document, Text
 
     segs = []
     if text:

@@ -67,9 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bundle(args) -> int:
+    from omni.bundle import UnifiedTokenizer
     from omni.errors import OmniError
     from omni.tokenizers.base import load_tokenizer
-    from omni.vocab import UnifiedTokenizer
 
     if args.reserved_specials < 0:
         raise OmniError(f"--reserved-specials must be >= 0, got {args.reserved_specials}")
@@ -87,8 +87,8 @@ def read_image_file(path: str):
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    from omni.document import Image
     from omni.errors import OmniError
-    from omni.vocab import Image
 
     p = Path(path)
     if not p.is_file():
@@ -105,8 +105,8 @@ def read_audio_file(path: str):
     """A wav/flac/ogg file -> omni.Audio (multi-channel averaged to mono)."""
     import soundfile as sf
 
+    from omni.document import Audio
     from omni.errors import OmniError
-    from omni.vocab import Audio
 
     p = Path(path)
     if not p.is_file():
@@ -119,8 +119,9 @@ def read_audio_file(path: str):
 
 
 def _encode(args) -> int:
+    from omni.bundle import UnifiedTokenizer
+    from omni.document import Document, Text
     from omni.io import atomic_write_text
-    from omni.vocab import Document, Text, UnifiedTokenizer
 
     tok = UnifiedTokenizer.load(args.tokenizer)
     segs = []
@@ -142,8 +143,9 @@ def _encode(args) -> int:
 
 
 def _decode(args) -> int:
+    from omni.bundle import UnifiedTokenizer
+    from omni.document import Audio, Image, Text
     from omni.errors import OmniError
-    from omni.vocab import Audio, Image, Text, UnifiedTokenizer
 
     p = Path(args.ids)
     if not p.is_file():

@@ -83,15 +83,16 @@ def _eval(args) -> int:
 
     from omni.errors import OmniError
     from omni.io import atomic_write_text
+    from omni.media import SkipReport
     from omni.tokenizers.base import load_tokenizer
-    from omni.tokenizers.image_train import DataReport, eval_images, evaluate
+    from omni.tokenizers.image_train import eval_images, evaluate
 
     for name in ("crops", "batch_size", "max_images"):
         v = getattr(args, name)
         if v < (0 if name == "crops" else 1):
             raise OmniError(f"--{name.replace('_', '-')} must be >= {0 if name == 'crops' else 1}, got {v}")
     tok = load_tokenizer(args.tokenizer, "image")
-    report = DataReport()
+    report = SkipReport()
     size = tok.image_size[0]
     images = eval_images(args.data, size, args.crops, args.max_images, report, min_side=1, seed=args.seed,
                          preprocess=tok.preprocess)

@@ -31,11 +31,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
+    from omni.bundle import UnifiedTokenizer
     from omni.cli import split_overrides
     from omni.config import load_section
     from omni.errors import OmniError
     from omni.tokenizers.text import train_text_tokenizer
-    from omni.vocab import UnifiedTokenizer
 
     inputs, extra = split_overrides(args.input)  # `--input a.txt vocab_size=9` also works
     overrides = list(args.overrides) + extra

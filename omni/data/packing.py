@@ -77,15 +77,6 @@ class PackedSequence:
     spans: list[tuple[int, int, int, int, int]]  # (dataset, epoch, document, start, length) per piece, over L+1 tokens
 
 
-def split_points(ids: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> np.ndarray:
-    """bool [T+1]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves every block whole."""
-    depth = np.cumsum(np.isin(ids, opens).astype(np.int64) - np.isin(ids, closes).astype(np.int64))
-    # depth[k-1] > 0 means a block opened at or before k-1 is still open after it
-    ok = np.ones(len(ids) + 1, bool)
-    ok[1:] = depth <= 0
-    return ok
-
-
 class DocumentPacker:
     """Greedy packing of one dataset's shuffled documents into sequences of ``seq_len + 1`` tokens."""
 
@@ -97,10 +88,8 @@ class DocumentPacker:
                             f"block has {dataset.max_block} tokens and blocks are never split; "
                             f"use seq_len >= {dataset.max_block - 1}")
         self.ds, self.seq_len, self.seed, self.index = dataset, seq_len, seed, index
-        sp = vocab.specials
-        self.opens = np.array([sp["<boi>"], sp["<boa>"]])
-        self.closes = np.array([sp["<eoi>"], sp["<eoa>"]])
-        self.pad = sp["<pad>"]
+        self.vocab = vocab
+        self.pad = vocab.special("<pad>")
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
 
@@ -132,7 +121,7 @@ class DocumentPacker:
             if rest <= room:
                 take = rest
             else:
-                ok = split_points(d_ids[self.offset:], self.opens, self.closes)[: room + 1]
+                ok = self.vocab.split_points(d_ids[self.offset:])[: room + 1]
                 take = int(np.flatnonzero(ok)[-1])  # the longest piece that keeps blocks whole
                 if take == 0:  # a block starts here and does not fit: close this sequence with padding
                     break
@@ -140,7 +129,7 @@ class DocumentPacker:
             ids[filled : filled + take] = d_ids[a:b]
             mask[filled : filled + take] = d_mask[a:b]
             seg[filled : filled + take] = len(spans)
-            pos[filled : filled + take] = np.arange(take)
+            pos[filled : filled + take] = self.vocab.position_ids(take)
             spans.append((self.index, self.epoch, doc, a, take))
             filled += take
             if b == len(d_ids):

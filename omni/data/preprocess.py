@@ -34,36 +34,6 @@ from omni.io import atomic_write_text, remove_stale_temps
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
-
-
-def list_shards(inputs: list[str]) -> list[Path]:
-    """Shards named directly, by glob, by brace pattern (``data-{000..009}.tar``) or as folders."""
-    import glob
-
-    from braceexpand import braceexpand
-
-    shards: list[Path] = []
-    missing = []
-    for pattern in inputs:
-        found = []
-        for pat in braceexpand(os.path.expanduser(pattern)):
-            for m in sorted(glob.glob(pat, recursive=True)):
-                p = Path(m)
-                if p.is_dir():
-                    found += sorted(q for q in p.rglob("*") if q.name.endswith(SHARD_EXTS))
-                else:
-                    found.append(p)
-        if not found:
-            missing.append(pattern)
-        shards += found
-    if missing:
-        raise OmniError(f"no shard matches {', '.join(repr(m) for m in missing)} (expected .tar WebDataset shards)")
-    bad = [str(p) for p in shards if not p.name.endswith(SHARD_EXTS)]
-    if bad:
-        raise OmniError(f"not a tar shard: {', '.join(bad[:5])} (expected {', '.join(SHARD_EXTS)})")
-    # one entry per file, in a fixed order
-    return sorted(set(shards), key=lambda p: str(p))
 
 
 def shard_name(index: int, path: Path) -> str:
@@ -71,26 +41,10 @@ def shard_name(index: int, path: Path) -> str:
     return f"{index:05d}-{stem}"
 
 
-def _samples(path: Path, errors: list[str]):
-    """Grouped samples of one shard; a broken tar stream ends it and is recorded in ``errors``."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    def on_error(exn: Exception) -> bool:
-        errors.append(f"{type(exn).__name__}: {exn}")
-        return False  # stop reading this shard: the stream is broken
-
-    with open(path, "rb") as f:
-        try:
-            files = ({**m, "__url__": str(path)} for m in tar_file_iterator(f, handler=on_error))
-            yield from group_by_keys(files, handler=on_error)
-        except Exception as e:  # tarfile errors raised while opening or between members
-            errors.append(f"{type(e).__name__}: {e}")
-
-
 def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     """A parsed sample -> (ids int32 [T], loss mask uint8 [T]); prompt segments get mask 0."""
-    from omni.data.samples import BadSample
-    from omni.vocab import Document
+    from omni.document import Document
+    from omni.media import BadSample
 
     ids: list[np.ndarray] = []
     mask: list[np.ndarray] = []
@@ -111,22 +65,11 @@ def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.nd
     return np.concatenate(ids), np.concatenate(mask)
 
 
-def longest_block(ids: np.ndarray, opens: np.ndarray, closes: np.ndarray) -> int:
-    """Length of the longest image/audio block (markers included) in ``ids``."""
-    starts = np.flatnonzero(np.isin(ids, opens))
-    ends = np.flatnonzero(np.isin(ids, closes))
-    best = 0
-    for s in starts:
-        after = ends[ends > s]
-        if len(after):
-            best = max(best, int(after[0] - s + 1))
-    return best
-
-
 def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) -> dict:
     """Tokenize one shard into ``out/shards/NAME.*``; returns (and writes) its manifest entry."""
     from omni.data import indexed_dataset
-    from omni.data.samples import BadSample, parse_sample
+    from omni.data.samples import parse_sample
+    from omni.media import BadSample, SkipReport, iter_samples
     from omni.vocab import MODALITY_NAMES
 
     IndexedDatasetBuilder = indexed_dataset().IndexedDatasetBuilder
@@ -139,32 +82,23 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
     tokens_b = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=np.int32)
     mask_b = IndexedDatasetBuilder(str(tmp[".mask.bin"]), dtype=np.uint8)
     table = tok.vocab.modality_table.numpy()
-    sp = tok.vocab.specials
-    opens, closes = np.array([sp["<boi>"], sp["<boa>"]]), np.array([sp["<eoi>"], sp["<eoa>"]])
 
-    skipped: Counter[str] = Counter()
-    skipped_list: list[list[str]] = []
+    report = SkipReport(keep=cfg.log_skipped)
     per_modality = np.zeros(len(MODALITY_NAMES), np.int64)
     n_samples = n_docs = max_block = 0
-    stream_errors: list[str] = []
-    for sample in _samples(path, stream_errors):
+    for sample in iter_samples(path, report):
         n_samples += 1
         try:
             parsed = parse_sample(sample, cfg.pair_order, cfg.seed)
             ids, mask = encode_sample(tok, parsed, cfg)
         except BadSample as e:
-            skipped[e.reason] += 1
-            if len(skipped_list) < cfg.log_skipped:
-                skipped_list.append([sample.get("__key__", "?"), e.reason, str(e)])
+            report.skip(e.reason, sample.get("__key__", "?"), str(e))
             continue
         tokens_b.add_document(ids, [len(ids)])
         mask_b.add_document(mask, [len(mask)])
         per_modality += np.bincount(table[ids], minlength=len(MODALITY_NAMES))
-        max_block = max(max_block, longest_block(ids, opens, closes))
+        max_block = max(max_block, tok.vocab.longest_block(ids))
         n_docs += 1
-    if stream_errors:
-        skipped["corrupt_shard"] += 1
-        skipped_list.append([path.name, "corrupt_shard", stream_errors[0]])
     tokens_b.finalize(str(tmp[".idx"]))
     mask_b.finalize(str(tmp[".mask.idx"]))
     for suffix, p in tmp.items():
@@ -177,8 +111,8 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
         "tokens": {"total": int(per_modality.sum()),
                    **{m: int(c) for m, c in zip(MODALITY_NAMES, per_modality) if m != "unused"}},
         "max_block": max_block,
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_samples": skipped_list,
+        "skipped": dict(sorted(report.skipped.items())),
+        "skipped_samples": report.samples,
     }
     atomic_write_text(shard_dir / f"{name}.json", json.dumps(entry, indent=1) + "\n")
     return entry
@@ -210,7 +144,7 @@ def _init_worker(tokenizer_dir: str, cfg: dict, plugins: list[str]) -> None:
 
     import torch
 
-    from omni.vocab import UnifiedTokenizer
+    from omni.bundle import UnifiedTokenizer
 
     for module in plugins:  # tokenizer kinds the parent registered at run time
         importlib.import_module(module)
@@ -239,13 +173,15 @@ def preprocess(
     Returns a summary: shards done by this call, skipped as already done, and whether the
     manifest was written.
     """
-    from omni.vocab import UnifiedTokenizer
+    from omni.bundle import UnifiedTokenizer
 
     cfg = cfg or PreprocessConfig()
     if world < 1 or not 0 <= rank < world:
         raise OmniError(f"--rank {rank} --world {world}: need world >= 1 and 0 <= rank < world")
     if workers < 1:
         raise OmniError(f"--workers must be >= 1, got {workers}")
+    from omni.media import list_shards
+
     shards = list_shards(inputs)
     tok = UnifiedTokenizer.load(tokenizer_dir)  # validates the bundle before any work
     out = Path(out)

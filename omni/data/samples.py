@@ -4,47 +4,36 @@ A sample is the group of tar members that share a key (``000123.jpg``, ``000123.
 Recognized samples (the format is documented in docs/data.md):
 
 * plain text: ``.txt``
-* a pair: an image (``.jpg .jpeg .png .webp .bmp``) or a clip (``.wav .flac .ogg``) plus its
+* a pair: an image (:data:`omni.media.IMAGE_EXTS`) or a clip (``.wav .flac .ogg``) plus its
   ``.txt`` caption or transcript; a lone image or clip is a document of its own
 * an interleaved document: ``.json`` with ``{"segments": [...]}``, each segment one of
   ``{"text": str}``, ``{"image": EXT}`` or ``{"audio": EXT}`` naming a member of the same sample
   (``"image": "0.png"`` is member ``KEY.0.png``), and optionally ``"prompt": true`` (no loss on
   its tokens in SFT)
 
-Anything else raises :class:`BadSample` with a short reason that the manifest counts.
+Anything else raises :class:`omni.media.BadSample` with one of :data:`omni.media.REASONS`, which the
+manifest counts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 
-from omni.vocab import Audio, Document, Image, Text
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-AUDIO_EXTS = ("wav", "flac", "ogg")
-TEXT_EXTS = ("txt",)
-
-# The reasons a sample is skipped, as counted in manifests.
-REASONS = (
-    "bad_json",  # .json that does not parse or has no valid "segments" list
-    "missing_member",  # a json segment names a member the sample lacks
-    "corrupt_image",  # bytes PIL cannot decode (truncated, not an image, ...)
-    "corrupt_audio",  # bytes soundfile cannot decode, or an empty / silent-only clip
-    "bad_text",  # text that is not UTF-8
-    "unrecognized_sample",  # no member combination of the format
-    "tokenize_error",  # a tokenizer refused the content
-    "corrupt_shard",  # the tar stream itself broke; the samples read before the break are kept
+from omni.document import Audio, Document, Image, Text
+from omni.media import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    REASONS,
+    TEXT_EXTS,
+    BadSample,
+    read_audio,
+    read_image,
+    read_text,
 )
 
-
-class BadSample(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+__all__ = ["AUDIO_EXTS", "IMAGE_EXTS", "REASONS", "TEXT_EXTS", "BadSample", "ParsedSample", "parse_sample"]
 
 
 @dataclass
@@ -55,40 +44,13 @@ class ParsedSample:
     """Per segment of ``doc``: True for prompt segments (masked out of the loss in SFT)."""
 
 
-def _text(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadSample("bad_text", str(e)) from None
-
-
 def _image(data: bytes) -> Image:
-    from PIL import Image as PILImage
-
-    try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.load()
-            if min(im.size) < 2:
-                raise BadSample("corrupt_image", f"image of size {im.size} is too small")
-            return Image(im)
-    except BadSample:
-        raise
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return Image(read_image(data))
 
 
 def _audio(data: bytes) -> Audio:
-    import soundfile as sf
-
-    try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [T,C]
-    except Exception as e:
-        raise BadSample("corrupt_audio", f"{type(e).__name__}: {e}") from None
-    if wave.shape[0] == 0:
-        raise BadSample("corrupt_audio", "empty clip")
-    if float(abs(wave).max()) < 1e-6:
-        raise BadSample("corrupt_audio", "silent-only clip")
-    return Audio(wave.T, sr)
+    wave, sr = read_audio(data)
+    return Audio(wave, sr)
 
 
 def _pair_media_first(key: str, order: str, seed: int) -> bool:
@@ -136,7 +98,7 @@ def parse_sample(sample: dict, pair_order: str = "random", seed: int = 0) -> Par
     if len(images) + len(audios) > 1 or len(texts) > 1 or not (images or audios or texts):
         raise BadSample("unrecognized_sample", f"members {sorted(exts)}")
     media = _image(members[images[0]]) if images else _audio(members[audios[0]]) if audios else None
-    text = Text(_text(members[texts[0]])) if texts else None
+    text = Text(read_text(members[texts[0]])) if texts else None
     if media is None:
         segs = [text]
     elif text is None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from omni.config.generate import GenerateConfig
+from omni.document import Document, Text
 from omni.errors import OmniError
 from omni.generate.jacobi import Drafts, jacobi_window
 from omni.generate.processors import (
@@ -39,7 +40,6 @@ from omni.generate.processors import (
     ModalityConstraint,
     ModalitySampler,
 )
-from omni.vocab import Document, Text
 
 
 def _unconditional(doc: Document) -> Document:
@@ -120,19 +120,11 @@ def rerank_scores(model, tok, prompts: list[Document], rows: list[list[int]], n:
     ``rows[i * n + k]`` of prompt ``i``; all zeros for a prompt without text (nothing to explain)."""
     v = tok.vocab
     sp = v.specials
-    opens = {sp["<boi>"]: sp["<eoi>"], sp["<boa>"]: sp["<eoa>"]}
     seqs, spans = [], []
     for j, r in enumerate(rows):
         text = tok.encode_text(prompts[j // n].text) if prompts[j // n].text else []
-        media, block = [], None
-        for t in r:  # keep whole blocks only: an unfinished one explains nothing
-            if block is None and t in opens:
-                block = [t]
-            elif block is not None:
-                block.append(t)
-                if t == opens[block[0]]:
-                    media.extend(block)
-                    block = None
+        # keep whole blocks only: an unfinished one explains nothing
+        media = [t for b in v.blocks(r) if b.closed for t in r[b.start:b.end]]
         seq = [sp["<bos>"]] + media + text + [sp["<eos>"]]
         seqs.append(torch.tensor(seq))
         spans.append((1 + len(media), len(seq)) if text else (len(seq), len(seq)))
@@ -242,12 +234,7 @@ def _jacobi_width(state: DecodeState, k: int) -> int:
 
 def _truncate(ids: torch.Tensor, keep: int, vocab) -> torch.Tensor:
     """<bos> + about the last ``keep - 1`` tokens, cut where no image/audio block is split."""
-    import numpy as np
-
-    from omni.data.packing import split_points
-
-    sp = vocab.specials
-    ok = split_points(ids.numpy(), np.array([sp["<boi>"], sp["<boa>"]]), np.array([sp["<eoi>"], sp["<eoa>"]]))
+    ok = vocab.split_points(ids.numpy())
     start = len(ids) - keep + 1
     while start < len(ids) and not ok[start]:
         start += 1
@@ -256,7 +243,5 @@ def _truncate(ids: torch.Tensor, keep: int, vocab) -> torch.Tensor:
 
 def _last_block(tok, tokens: list[int]):
     """The image or audio segment of the block that ``tokens`` just closed."""
-    sp = tok.vocab.specials
-    opener = {sp["<eoi>"]: sp["<boi>"], sp["<eoa>"]: sp["<boa>"]}[tokens[-1]]
-    start = len(tokens) - 1 - tokens[::-1].index(opener)
-    return tok.decode(tokens[start:]).segments[0]
+    block = tok.vocab.blocks(tokens)[-1]
+    return tok.decode(tokens[block.start:block.end]).segments[0]

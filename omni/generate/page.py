@@ -12,9 +12,9 @@ import html
 import os
 from pathlib import Path
 
+from omni.document import Audio, Document, Image, Text
 from omni.errors import OmniError
 from omni.io import atomic_write_text
-from omni.vocab import Audio, Document, Image, Text
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #111; background: #fff; }

@@ -52,7 +52,9 @@ class DecodeState:
         self.image_tokens = image_tokens  # N codes per image block (None: no image tokenizer)
         self.rows = [RowState(remaining=max_new_tokens) for _ in range(batch)]
         sp = vocab.specials
-        self.boi, self.eoi, self.boa, self.eoa = sp["<boi>"], sp["<eoi>"], sp["<boa>"], sp["<eoa>"]
+        self.opens = vocab.openers  # the block grammar: opener id -> block kind ('image'/'audio' = the mode)
+        self.boi, self.boa = sp["<boi>"], sp["<boa>"]
+        self.eoi, self.eoa = vocab.closer(IMAGE_MODE), vocab.closer(AUDIO_MODE)
         self.eos, self.pad = sp["<eos>"], sp["<pad>"]
 
     @property
@@ -73,24 +75,21 @@ class DecodeState:
             r.tokens.append(t)
             r.remaining -= 1
             if r.mode == TEXT_MODE:
-                if t == self.boi:
-                    r.mode, r.count = IMAGE_MODE, 0
-                elif t == self.boa:
-                    r.mode, r.count = AUDIO_MODE, 0
+                if t in self.opens:
+                    r.mode, r.count = self.opens[t], 0
                 elif t == self.eos:
                     r.mode = DONE
-            elif r.mode == IMAGE_MODE:
-                if t == self.eoi:
-                    r.mode, r.images, closed[-1] = TEXT_MODE, r.images + 1, "image"
-                    if r.images >= self.config.max_images:
-                        r.mode = DONE
+            elif t == self.vocab.closer(r.mode):  # inside a block: its closer ends it
+                closed[-1] = r.mode
+                if r.mode == IMAGE_MODE:
+                    r.images += 1
                 else:
-                    r.count += 1
-            elif r.mode == AUDIO_MODE:
-                if t == self.eoa:
-                    r.mode, r.audios, closed[-1] = TEXT_MODE, r.audios + 1, "audio"
-                else:
-                    r.count += 1
+                    r.audios += 1
+                r.mode = TEXT_MODE
+                if closed[-1] == IMAGE_MODE and r.images >= self.config.max_images:
+                    r.mode = DONE
+            else:
+                r.count += 1
             if r.remaining <= 0 and r.mode != DONE:
                 r.mode = DONE
         return closed

@@ -104,7 +104,7 @@ class ShapeNet(nn.Module):
 
 def _pixels(images, size: int) -> list[np.ndarray]:
     """Images (a [B,3,H,W] tensor, or a list of PIL / uint8 [H,W,3] / float [3,H,W]) -> float [S,S,3] in [0,255]."""
-    from omni.vocab import to_pixels
+    from omni.document import to_pixels
 
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
         items = list(images)

@@ -56,6 +56,17 @@ def photos(split: str = "train") -> list[tuple[str, object]]:
     return [(n, photo(n)) for n in SPLITS[split]]
 
 
+def source(split: str):
+    """The data source ``photos:SPLIT`` of :data:`omni.media.SOURCES`: ``(name, uint8 [H,W,3])`` of a
+    split, read lazily; an unknown split is refused at once."""
+    from omni.errors import OmniError
+
+    if split not in SPLITS:
+        raise OmniError(f"unknown data source 'photos:{split}'; photo splits: "
+                        + ", ".join(f"photos:{s}" for s in SPLITS))
+    return ((n, photo(n)) for n in SPLITS[split])
+
+
 def random_crops(images, n: int, size: int, seed: int = 0):
     """``n`` native-resolution ``size``x``size`` crops, drawn uniformly over images and positions.
 

@@ -116,9 +116,9 @@ def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto", progress: bool = True):
+        from omni.bundle import UnifiedTokenizer
         from omni.data.packing import build_stream
         from omni.model import OmniDecoder
-        from omni.vocab import UnifiedTokenizer
 
         self.cfg, self.progress = cfg, progress
         self.info: DistInfo = init_distributed(cfg.parallel)
