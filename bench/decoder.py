@@ -165,8 +165,8 @@ def build(cfg_path: str):
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
+    from omni.chameleon import convert_state_dict
     from omni.commands.model import load_model_config
-    from omni.convert_chameleon import convert_state_dict
     from omni.model import OmniDecoder
 
     cfg = load_model_config(cfg_path)

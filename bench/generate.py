@@ -49,10 +49,10 @@ def build(recipe: str, grid: int, context: int = 2048):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     import omni
+    from omni.chameleon import convert_state_dict
     from omni.commands.model import load_model_config
     from omni.config import TextTokenizerConfig
     from omni.config.image_tokenizer import ImageTokenizerConfig
-    from omni.convert_chameleon import convert_state_dict
     from omni.tokenizers.image import VQImageTokenizer
     from omni.tokenizers.text import train_text_tokenizer
     from omni.toy.text import write_corpus

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from omni.tokenizers.image_chameleon import import_chameleon_vqgan
+    from omni.chameleon import import_chameleon_vqgan
     from omni.toy.photos import photos, random_crops
 
     if args.threads:

@@ -22,7 +22,7 @@ _LAZY = {
     "load_config": "omni.config:load_config",
     "OmniError": "omni.errors:OmniError",
     "ConfigError": "omni.errors:ConfigError",
-    "generate": "omni.generate:generate",
+    "generate": "omni.generation.generator:generate",
     "GenerateConfig": "omni.config.generate:GenerateConfig",
     "load": "omni.checkpoint:load",
     "OmniDecoder": "omni.model:OmniDecoder",
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from omni.config.model import ModelConfig
     from omni.document import Audio, Document, Image, Text
     from omni.errors import ConfigError, OmniError
-    from omni.generate import generate
+    from omni.generation.generator import generate
     from omni.model import OmniDecoder
     from omni.vocab import UnifiedVocab
 

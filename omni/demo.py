@@ -9,7 +9,7 @@ The demo runs the project's real pipeline, stage by stage, into one folder ``DIR
 3. ``image``: the VQ image tokenizer (``DIR/tokenizers/image``; resumes from its checkpoints).
 4. ``audio``: the whisper-VQ audio tokenizer (``DIR/tokenizers/audio``).
 5. ``bundle``: the unified tokenizer of the three (``DIR/tokenizer``).
-6. ``judge``: the image judge (:mod:`omni.toy.judge`), trained on the toy world's ground truth.
+6. ``judge``: the image judge (:mod:`omni.eval.judge`), trained on the toy world's ground truth.
 7. ``preprocess``: packed token datasets, one per sample kind (``DIR/tokens/KIND``).
 8. ``pretrain``: an OmniDecoder pretrained on their blend (``DIR/model``; resumes from its newest
    checkpoint, which is also written on SIGTERM).
@@ -205,7 +205,7 @@ def _bundle(out: Path, cfg, log) -> None:
 
 
 def _judge(out: Path, cfg) -> None:
-    from omni.toy.judge import JudgeConfig, train_judge
+    from omni.eval.judge import JudgeConfig, train_judge
 
     train_judge(n_scenes=cfg.demo.judge_scenes, seed=cfg.seed, cfg=JudgeConfig(size=cfg.demo.canvas)).save(out / "judge")
 
@@ -236,7 +236,7 @@ def train_config(out: Path, cfg):
 
 
 def _pretrain(out: Path, cfg, progress: bool, log) -> None:
-    from omni.train.checkpointing import find_resume
+    from omni.run import find_resume
     from omni.train.loop import train
 
     found = find_resume(out / "model", "auto")
@@ -251,7 +251,7 @@ def _pretrain(out: Path, cfg, progress: bool, log) -> None:
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 def _newest_checkpoint(out: Path) -> Path:
-    from omni.train.checkpointing import find_resume
+    from omni.run import find_resume
 
     ckpt = find_resume(out / "model", "auto")
     if ckpt is None:
@@ -283,11 +283,11 @@ def _evaluate(out: Path, cfg, budget: str, state: _State, log) -> None:
 
     from omni.checkpoint import load
     from omni.document import Audio, Document, Image, Text
-    from omni.generate.generator import generate
-    from omni.generate.page import write_page
+    from omni.eval.judge import Judge
+    from omni.generation.generator import generate
+    from omni.generation.page import write_page
     from omni.io import atomic_write_text
     from omni.toy import shapes
-    from omni.toy.judge import Judge
 
     w, g = cfg.demo, cfg.generate
     model, tok = load(_newest_checkpoint(out))

@@ -128,7 +128,7 @@ def test_save_load_gives_the_same_codes_and_bundles(trained, text_tokenizer, tmp
 
     tok, out, _ = trained
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
-    assert (out / "train_log.jsonl").is_file()
+    assert (out / "metrics.jsonl").is_file() and (out / "run.yaml").is_file()
     loaded = load_tokenizer(out, "audio")
     assert isinstance(loaded, WhisperVQAudioTokenizer) and loaded.fingerprint() == tok.fingerprint()
     wave = heldout_waves(1)[0]
@@ -291,3 +291,46 @@ def test_config_rejects_bad_values():
         AudioTokenizerConfig(n_head=3)
     with pytest.raises(ConfigError, match="n_mels=64 is invalid: expected one of 80, 128"):
         AudioTokenizerConfig(n_mels=64)
+
+
+def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(speech_dir, tmp_path):
+    """SIGKILL after a checkpoint, the same command again: the run convention of omni.run (newest intact
+    step_XXXXXX, optimizer + window-sampler + global RNG states) gives bit-identical weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    args = [*MICRO[:-2], "train.steps=400", "train.batch_size=2", "train.num_threads=1", "train.save_every=20",
+            "train.log_every=1"]
+
+    def cmd(out):
+        return [sys.executable, "-m", "omni", "tokenizer", "train", "audio", "--data", str(speech_dir / "heldout"),
+                "--out", str(out), "--quiet", *args]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd(tmp_path / "killed"), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not list((tmp_path / "killed").glob("step_*/checksums.json")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "killed" / "train_summary.json").exists(), "the run finished before the kill"
+    resumed = subprocess.run(cmd(tmp_path / "killed"), cwd=root, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    at = int(resumed.stdout.split("resuming", 1)[1].split("at step", 1)[1].split()[0])
+    assert 20 <= at < 400 and at % 20 == 0  # it went on from the killed run's newest checkpoint
+    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=root, env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+
+    a, b = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))  # rows after the checkpoint were dropped and logged again once
+    assert [p.name for p in (tmp_path / "killed").glob("step_*")] == ["step_000400"]
+    assert (tmp_path / "killed" / "run.yaml").is_file()

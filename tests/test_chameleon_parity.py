@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-import types
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ import transformers  # noqa: E402,F401  - the `hf` extra; `make test` installs i
 
 import omni  # noqa: E402
 from conftest import run_cli
-from omni.convert_chameleon import chameleon_vocab, convert_decoder, image_code_of  # noqa: E402
+from omni.chameleon import chameleon_vocab, convert_decoder, image_code_of  # noqa: E402
 from omni.errors import OmniError  # noqa: E402
 
 V, N_IMAGE = 256, 64
@@ -124,20 +122,9 @@ def test_too_few_reserved_tokens_appends_ids(tmp_path):
     assert compare(hf, model, torch.randint(0, V, (1, 16))) <= 1e-4  # the old ids are unaffected
 
 
-@pytest.fixture
-def image_half(monkeypatch, image_double):
-    """The image tokenizer importer: the real one once it exists, else a stand-in with 64 codes."""
-    try:
-        import omni.tokenizers.image_chameleon  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("omni.tokenizers.image_chameleon")
-        stub.import_chameleon_vqgan = lambda hf_dir: image_double
-        monkeypatch.setitem(sys.modules, "omni.tokenizers.image_chameleon", stub)
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:imported Chameleon's VQGAN")
-def test_convert_cli_end_to_end(tmp_path, image_half):
+def test_convert_cli_end_to_end(tmp_path):
     hf = build_hf(tmp_path / "hf", swin_norm=True, tokenizer_json=True)
     rc, out, err = run_cli("convert", "chameleon", "--hf", tmp_path / "hf", "--out", tmp_path / "ckpt")
     assert rc == 0, err

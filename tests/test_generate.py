@@ -107,7 +107,7 @@ def test_compiled_decode_equals_eager(tokenizer, tiny_model_config):
     images and audio all allowed, and with guidance and Jacobi windows (wider steps, a cache cut back)."""
     from torch._dynamo.utils import counters
 
-    from omni.generate.generator import compiled_decoder
+    from omni.generation.generator import compiled_decoder
 
     model = _model(tiny_model_config, 2)
     prompts = ["a", "a much longer prompt about a blue square and a red circle", "draw <boi> please"]
@@ -182,7 +182,7 @@ def test_prompt_overflow(tokenizer, tiny_model_config):
 
 
 def _page(tmp_path: Path, tokenizer, n_images: int) -> Path:
-    from omni.generate.page import write_page
+    from omni.generation.page import write_page
 
     g = torch.Generator().manual_seed(0)
     imgs = [omni.Image(tokenizer.image.decode(torch.randint(0, 64, (1, 4, 4), generator=g))[0]) for _ in range(n_images)]
@@ -202,7 +202,7 @@ def test_page_files(tmp_path, tokenizer):
 
 
 def test_page_labels_and_summary_table(tmp_path, tokenizer):
-    from omni.generate.page import write_page
+    from omni.generation.page import write_page
 
     docs = [(omni.Document([omni.Text(f"prompt {i}")]), omni.Document([omni.Text(f"out {i}")])) for i in range(2)]
     table = [("figure", "model", "chance"), ("caption accuracy", "91.0%", "20.0%")]
@@ -290,7 +290,7 @@ def test_cli_generate_and_bad_input(tmp_path, tokenizer, tiny_model_config):
 def test_speculative_accept_draws_exactly_from_p():
     """Leviathan et al.'s rule: a draft from q (or a fixed draft) kept with probability min(1, p/q),
     else replaced from max(0, p - q): the token is distributed as p."""
-    from omni.generate.jacobi import speculative_accept
+    from omni.generation.jacobi import speculative_accept
 
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])

@@ -49,7 +49,7 @@ def _photos(n: int = 6):
 
 
 def test_codes_equal_transformers(chameleon_dir):
-    from omni.tokenizers.image_chameleon import import_chameleon_vqgan, read_image_token_ids
+    from omni.chameleon import import_chameleon_vqgan, read_image_token_ids
 
     d, model = chameleon_dir
     with pytest.warns(UserWarning, match="no pixel decoder"):
@@ -72,8 +72,8 @@ def test_codes_equal_transformers(chameleon_dir):
 
 def test_import_encodes_through_the_bundle_and_refuses_decode(chameleon_dir, text_tokenizer):
     from omni.bundle import UnifiedTokenizer
+    from omni.chameleon import import_chameleon_vqgan
     from omni.document import Document, Image
-    from omni.tokenizers.image_chameleon import import_chameleon_vqgan
 
     d, _ = chameleon_dir
     with pytest.warns(UserWarning):
@@ -86,7 +86,7 @@ def test_import_encodes_through_the_bundle_and_refuses_decode(chameleon_dir, tex
 
 
 def test_import_errors_name_the_problem(tmp_path):
-    from omni.tokenizers.image_chameleon import import_chameleon_vqgan
+    from omni.chameleon import import_chameleon_vqgan
 
     with pytest.raises(OmniError, match="not found"):
         import_chameleon_vqgan(tmp_path / "missing")

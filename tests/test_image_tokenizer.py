@@ -224,15 +224,16 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
               "eval_crops_per_image=2"]
     rc, stdout, stderr = run_cli(*common, "steps=2")
     assert rc == 0, stderr
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert log[0]["event"] == "data" and log[0]["train"]["skipped"]["corrupt image"] == 1
-    assert "skipped" in stdout and "corrupt image" in stdout
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "data" and log[0]["train"]["skipped"]["corrupt_image"] == 3
+    assert "skipped" in stdout and "corrupt_image" in stdout
+    assert (out / "run.yaml").is_file() and [p.name for p in out.glob("step_*")] == ["step_000002"]
     w2 = (out / "model.safetensors").read_bytes()
 
     rc, stdout, stderr = run_cli(*common, "steps=4")
     assert rc == 0, stderr
     assert "resuming" in stdout and "at step 2" in stdout
-    steps = [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert (out / "model.safetensors").read_bytes() != w2
 
@@ -243,7 +244,7 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
     for key in ("psnr", "ssim", "codebook_usage", "code_perplexity", "encode_images_per_s", "decode_images_per_s",
                 "psnr_mean_color_baseline"):
         assert key in m
-    assert m["images"] == 10 and m["data"]["skipped"]["corrupt image"] == 1  # the tiny image is upscaled here
+    assert m["images"] == 10 and m["data"]["skipped"]["corrupt_image"] == 3  # the tiny image is upscaled here
 
     rc, _, stderr = run_cli(*common[:-1], "steps=4", "model.quantizer=vq")
     assert rc == 2 and "another model config" in stderr
@@ -313,7 +314,7 @@ def test_perceptual_loss_and_discriminator_from_local_weights(tmp_path, crops):
                            eval_max_images=2, log_every=1, perceptual_weight=0.1, perceptual_weights=[str(weights)],
                            disc_weight=0.1, disc_start=1)
     train_image_tokenizer("photos:heldout", tmp_path / "run", cfg, progress=False, log=lambda s: None)
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert "perceptual" in steps[0] and "disc" not in steps[0] and "disc" in steps[1]
 

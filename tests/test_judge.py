@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from omni.errors import ConfigError, OmniError
+from omni.eval.judge import CONFIG, WEIGHTS, Judge, JudgeConfig, degrade, load, noise_images, train_judge
 from omni.toy import shapes as toy
-from omni.toy.judge import CONFIG, WEIGHTS, Judge, JudgeConfig, degrade, load, noise_images, train_judge
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from conftest import run_cli
-from omni.config import RunConfig, TrainConfig, load_config
+from omni.config import RunConfig, load_config
 from omni.errors import OmniError
-from omni.train.schedule import lr_at
+from omni.run import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,13 +75,17 @@ def _omni(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def test_schedules():
-    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="cosine")
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
-    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    wsd = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.0, schedule="wsd", decay_fraction=0.2)
-    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
-    assert lr_at(89, wsd) == pytest.approx(0.5) and lr_at(99, wsd) == pytest.approx(0.0)
+    """omni.run.lr_at is the one schedule of every trainer (decoder and tokenizers)."""
+    cos = dict(lr=1.0, steps=100, warmup_steps=10, schedule="cosine", min_lr=0.1)
+    assert lr_at(0, **cos) == pytest.approx(0.1) and lr_at(9, **cos) == pytest.approx(1.0)
+    assert lr_at(10, **cos) == pytest.approx(1.0) and lr_at(100, **cos) == pytest.approx(0.1)
+    assert lr_at(55, **cos) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    wsd = dict(lr=1.0, steps=100, warmup_steps=10, schedule="wsd", min_lr=0.0, decay_fraction=0.2)
+    assert lr_at(50, **wsd) == 1.0 and lr_at(79, **wsd) == 1.0
+    assert lr_at(89, **wsd) == pytest.approx(0.5) and lr_at(99, **wsd) == pytest.approx(0.0)
+    assert lr_at(5, 1.0, 100, schedule="constant") == 1.0
+    with pytest.raises(OmniError, match="unknown schedule 'linear'"):
+        lr_at(50, 1.0, 100, schedule="linear")
 
 
 def test_overfits_real_text(tmp_path, text_run):

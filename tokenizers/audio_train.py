@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,17 @@ import torch.nn.functional as F
 from omni.config.audio_tokenizer import AudioTokenizerRecipe
 from omni.errors import OmniError
 from omni.media import AUDIO_EXTS, BadSample, SkipReport, expand_sources, iter_media, read_audio
+from omni.run import (
+    RUN_CONFIG,
+    MetricsLog,
+    find_resume,
+    lr_at,
+    prune,
+    read_checkpoint,
+    save_run_config,
+    set_rng_state,
+    write_checkpoint,
+)
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQ, WhisperVQAudioTokenizer, mel_to_wave
 
 SILENCE = 1e-4
@@ -136,27 +148,38 @@ class _Windows:
 
 
 def _lr(step: int, cfg) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    """The run convention's schedule: warmup, then cosine decay to lr/10."""
+    return lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
 def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out: str | os.PathLike | None = None,
-                          progress: bool = True) -> tuple[WhisperVQAudioTokenizer, dict]:
-    """Train on ``data`` (folders / files / shards); with ``out``, save a tokenizer folder there
-    (weights, config.yaml, tokenizer.json, recipe.yaml, train_log.jsonl). Returns (tokenizer, summary)."""
+                          progress: bool = True, resume: bool = True) -> tuple[WhisperVQAudioTokenizer, dict]:
+    """Train on ``data`` (folders / files / shards); returns (tokenizer, summary).
+
+    With ``out``, the run follows the convention of :mod:`omni.run`: ``run.yaml``, ``metrics.jsonl``,
+    a checkpoint ``step_XXXXXX/`` every ``save_every`` steps (weights, optimizer, the window
+    sampler's and the global RNG states), from which a killed run resumes (``resume``) to the same
+    weights as an uninterrupted one; and once finished the tokenizer itself and ``train_summary.json``.
+    """
     recipe = recipe or AudioTokenizerRecipe()
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.train.num_threads)
     try:
-        return _train(data, recipe, out, progress)
+        return _train(data, recipe, None if out is None else Path(out), progress, resume)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(data, recipe: AudioTokenizerRecipe, out, progress: bool) -> tuple[WhisperVQAudioTokenizer, dict]:
-    from omni.config import save_config
+def _save(out: Path, tok: WhisperVQAudioTokenizer, recipe: AudioTokenizerRecipe, step: int, opt, windows) -> None:
+    from omni.tokenizers.base import save_tokenizer
+
+    write_checkpoint(out, step, lambda d: save_tokenizer(tok, d), optimizers={"opt": opt.state_dict()},
+                     trainer_state={"windows_rng": windows.gen.get_state().tolist()}, config=recipe)
+    prune(out, 1)  # the newest intact checkpoint is all a resume needs
+
+
+def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
+           resume: bool) -> tuple[WhisperVQAudioTokenizer, dict]:
     from omni.io import atomic_write_text
     from omni.tokenizers.base import save_tokenizer
 
@@ -165,24 +188,44 @@ def _train(data, recipe: AudioTokenizerRecipe, out, progress: bool) -> tuple[Whi
     clips, stats = load_clips(data, tcfg.max_clips)
     if progress:
         print(f"audio data: {describe(clips, stats)}")
-    tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)
+    found = find_resume(out, "auto" if resume else "none") if out is not None else None
+    if found is not None:
+        from omni.config import load_config, to_dict
+
+        saved = load_config(AudioTokenizerRecipe, found / RUN_CONFIG)
+        if to_dict(saved.tokenizer) != to_dict(recipe.tokenizer):
+            raise OmniError(f"{out} holds a run of another tokenizer config; resume it with the same config, "
+                            f"or pass another --out (or --no-resume to start over there)")
+        tok = WhisperVQAudioTokenizer.load(found)
+    else:
+        tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)
     model = tok.model.train()
     if tok.config.freeze_encoder:
         model.encoder.requires_grad_(False)
     windows = _Windows(tok, clips, tcfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
+    start = 0
+    if found is not None:
+        state, optimizers, rng = read_checkpoint(found)
+        opt.load_state_dict(optimizers["opt"])
+        windows.gen.set_state(torch.tensor(state["windows_rng"], dtype=torch.uint8))
+        set_rng_state(state["rng"], rng)  # the quantizer's k-means and code restarts draw from torch's RNG
+        start = int(state["step"])
+        print(f"resuming {out} at step {start}")
+    if out is not None:
+        save_run_config(recipe, out)
+    metrics = MetricsLog(out, resume_step=start, enabled=out is not None) if out is not None else None
 
-    log_lines: list[str] = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=tcfg.steps, desc="audio tokenizer", unit="step")
+        bar = tqdm(total=tcfg.steps, initial=start, desc="audio tokenizer", unit="step")
     t0 = time.perf_counter()
-    step = 0
+    step = start - 1
     last: dict = {}
-    for step in range(tcfg.steps):
+    for step in range(start, tcfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, tcfg)
         mel = windows.batch(tcfg.batch_size)  # [B, n_mels, 2*n_ctx]
@@ -198,25 +241,26 @@ def _train(data, recipe: AudioTokenizerRecipe, out, progress: bool) -> tuple[Whi
         last = {"step": step + 1, "loss": loss.item(), "mel_l1": l1.item(), "commit": commit.item(),
                 "batch_usage": codes.unique().numel() / tok.codebook_size, "lr": opt.param_groups[0]["lr"],
                 "elapsed_s": round(elapsed, 2)}
-        if (step + 1) % tcfg.log_every == 0 or step == 0:
-            log_lines.append(json.dumps(last))
+        stop = tcfg.time_limit_s and elapsed >= tcfg.time_limit_s
+        if metrics is not None and ((step + 1) % tcfg.log_every == 0 or step == 0 or step + 1 == tcfg.steps or stop):
+            metrics.write(last)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(l1=f"{last['mel_l1']:.3f}", usage=f"{last['batch_usage']:.2f}")
-        if tcfg.time_limit_s and elapsed >= tcfg.time_limit_s:
+        if out is not None and tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 != tcfg.steps:
+            _save(out, tok, recipe, step + 1, opt, windows)
+        if stop:
             break
     if bar is not None:
         bar.close()
     model.eval()
-    summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1), "data": data_json(clips, stats),
-               "final": last}
+    summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1),
+               "data": data_json(clips, stats), "final": last}
     if out is not None:
-        d = save_tokenizer(tok, out)
-        save_config(recipe, d / "recipe.yaml")
-        if not log_lines or log_lines[-1] != json.dumps(last):
-            log_lines.append(json.dumps(last))
-        atomic_write_text(d / "train_log.jsonl", "\n".join(log_lines) + "\n")
-        atomic_write_text(d / "train_summary.json", json.dumps(summary, indent=1) + "\n")
+        _save(out, tok, recipe, step + 1, opt, windows)
+        metrics.close()
+        save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     return tok, summary
 
 

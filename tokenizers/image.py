@@ -5,7 +5,7 @@ Esser, Rombach & Ommer, "Taming Transformers for High-Resolution Image Synthesis
 (https://arxiv.org/abs/1711.00937). The layout (module and parameter names included) is the
 taming-transformers one that Chameleon's image tokenizer (Make-a-Scene, Gafni et al. 2022,
 https://arxiv.org/abs/2203.13131) and Hugging Face's ``ChameleonVQVAE`` keep, so Chameleon's
-encoder weights load by name (:mod:`omni.tokenizers.image_chameleon`)::
+encoder weights load by name (:func:`omni.chameleon.import_chameleon_vqgan`)::
 
     images [B,3,H,W] in [0,1] -> x*2-1 -> encoder -> [B,latent,h,w] -> quant_conv -> [B,embed,h,w]
       -> quantizer -> codes [B,h,w]  (h = H / downsample)

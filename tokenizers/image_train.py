@@ -1,4 +1,4 @@
-"""Training and evaluation of the VQ image tokenizer, and the reading of image data.
+"""Training of the VQ image tokenizer.
 
 Losses follow VQGAN (Esser et al. 2021, https://arxiv.org/abs/2012.09841): pixel reconstruction
 (L1 or L2) + the quantizer's own terms (commitment; LFQ's entropy) + optionally a perceptual
@@ -9,8 +9,8 @@ weight is left out). AdamW, linear warm-up then cosine decay to lr/10.
 
 Data (``--data``): folders of image files (searched recursively), WebDataset ``.tar`` shards of
 images (each member named ``key.ext``; only image members are read), single image files, globs,
-or ``photos:train`` / ``photos:heldout`` / ``photos:all`` for the scikit-image photos of
-:mod:`omni.toy.photos`. Every image is converted to RGB (grayscale repeated; RGBA, LA and
+or a named data source such as ``photos:train`` (:data:`omni.media.SOURCES`), all read by
+:mod:`omni.media`. Every image is converted to RGB (grayscale repeated; RGBA, LA and
 palette images with transparency composited onto white, as Chameleon does). Non-image files,
 corrupt or truncated images, unreadable shards and tiny images (shorter side below
 ``min_image_side``) are skipped; skips and conversions are counted and logged, never fatal.
@@ -20,9 +20,10 @@ the image) at a random position, resized to ``image_size``, randomly flipped. Cr
 from a buffer of decoded images; a dataset that fits the buffer is read once. Batch ``t`` depends
 only on (seed, t), so a resumed run draws the same crops it would have drawn.
 
-Output folder: the tokenizer (``model.safetensors``, ``config.yaml``, ``tokenizer.json``), and
-``train_config.yaml``, ``train_state.safetensors`` (optimizer, discriminator, step; for resume),
-``train_log.jsonl`` and ``eval.json``.
+Output folder, in the run convention of :mod:`omni.run`: ``run.yaml``, ``metrics.jsonl``, the newest
+checkpoint ``step_XXXXXX/`` (the tokenizer, the discriminator, both optimizers, RNG states: a
+killed run resumes from it), and once finished the tokenizer itself (``model.safetensors``,
+``config.yaml``, ``tokenizer.json``) and ``eval.json``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,21 @@ from torch import nn
 from omni.config.image_tokenizer import ImageTrainConfig
 from omni.errors import OmniError
 from omni.media import BadSample, SkipReport, expand_sources, iter_media, read_image
+from omni.run import (
+    RUN_CONFIG,
+    MetricsLog,
+    find_resume,
+    lr_at,
+    prune,
+    read_checkpoint,
+    save_run_config,
+    set_rng_state,
+    write_checkpoint,
+)
 from omni.tokenizers.image import VQImageTokenizer
 
-STATE_FILE = "train_state.safetensors"
-TRAIN_CONFIG_FILE = "train_config.yaml"
-LOG_FILE = "train_log.jsonl"
 EVAL_FILE = "eval.json"
+DISC_FILE = "discriminator.safetensors"
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,58 +362,33 @@ class PatchDiscriminator(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------
-def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{prefix}.{idx}.{k}"] = v.detach().cpu().contiguous().clone()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            idx, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-    for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, step: int,
-                    opt: torch.optim.Optimizer, disc: nn.Module | None, dopt) -> None:
+                    opt: torch.optim.Optimizer, disc: nn.Module | None, dopt) -> Path:
+    """``OUT/step_XXXXXX`` in the run convention (omni.run): the tokenizer as it is (a folder
+    ``load_tokenizer`` reads), the discriminator, both optimizers, the RNG states and run.yaml."""
     from safetensors.torch import save
 
-    from omni.config import save_config
     from omni.io import atomic_write_bytes
     from omni.tokenizers.base import save_tokenizer
 
-    save_tokenizer(tok, out)
-    tensors, meta = _flatten_optimizer(opt, "opt")
-    meta_all = {"step": step, "opt": meta}
-    if disc is not None:
-        tensors.update({f"disc.{k}": v.detach().contiguous().clone() for k, v in disc.state_dict().items()})
-        dt, dmeta = _flatten_optimizer(dopt, "dopt")
-        tensors.update(dt)
-        meta_all["dopt"] = dmeta
-    atomic_write_bytes(out / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta_all)}))
-    save_config(cfg, out / TRAIN_CONFIG_FILE)
+    def fill(d: Path) -> None:
+        save_tokenizer(tok, d)
+        if disc is not None:
+            atomic_write_bytes(d / DISC_FILE, save({k: v.detach().contiguous().clone()
+                                                    for k, v in disc.state_dict().items()}))
+
+    optimizers = {"opt": opt.state_dict(), **({"dopt": dopt.state_dict()} if dopt is not None else {})}
+    path = write_checkpoint(out, step, fill, optimizers=optimizers, config=cfg)
+    prune(out, 1)  # the newest intact checkpoint is all a resume needs; the final tokenizer is OUT itself
+    return path
 
 
 # ------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------
-def _lr_factor(step: int, cfg: ImageTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def _lr(step: int, cfg: ImageTrainConfig) -> float:
+    """The run convention's schedule: warmup, then cosine decay to lr/10."""
+    return lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
 def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig, eval_data=None,
@@ -431,15 +416,16 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
 
     tok = VQImageTokenizer(cfg.model)
     start = 0
-    state_path = out / STATE_FILE
-    resuming = resume and state_path.is_file()
+    found = find_resume(out, "auto" if resume else "none")
+    resuming = found is not None
     if resuming:
-        saved = load_config(ImageTrainConfig, out / TRAIN_CONFIG_FILE)
+        saved = load_config(ImageTrainConfig, found / RUN_CONFIG)
         if to_dict(saved.model) != to_dict(cfg.model):
             raise OmniError(f"{out} holds a run of another model config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
-        tok = VQImageTokenizer.load(out)
+        tok = VQImageTokenizer.load(found)
     tok.train()
+    save_run_config(cfg, out)
 
     disc = dopt = perceptual = None
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -449,16 +435,12 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
     if cfg.perceptual_weight > 0:
         perceptual = PerceptualLoss(cfg.perceptual_weights)
     if resuming:
-        tensors = load_file(state_path)
-        from safetensors import safe_open
-
-        with safe_open(str(state_path), "pt") as f:
-            meta = json.loads(f.metadata()["state"])
-        _restore_optimizer(opt, tensors, meta["opt"], "opt")
-        if disc is not None and "dopt" in meta:
-            disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-            _restore_optimizer(dopt, tensors, meta["dopt"], "dopt")
-        start = int(meta["step"])
+        state, optimizers, rng = read_checkpoint(found)
+        opt.load_state_dict(optimizers["opt"])
+        if disc is not None and "dopt" in optimizers:
+            disc.load_state_dict(load_file(found / DISC_FILE))
+            dopt.load_state_dict(optimizers["dopt"])
+        start = int(state["step"])
         log(f"resuming {out} at step {start}")
 
     report = SkipReport()
@@ -476,12 +458,8 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
     log(f"eval data ({eval_on}): {len(eval_set)} images; {eval_report}")
     log(f"model: {tok}")
 
-    logf = open(out / LOG_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
-
-    def write_log(rec: dict) -> None:
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-
+    metrics = MetricsLog(out, resume_step=start)
+    write_log = metrics.write
     write_log({"event": "data", "train": report.to_json(), "eval": eval_report.to_json(), "eval_on": eval_on})
 
     if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
@@ -491,6 +469,8 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
         with torch.no_grad():
             tok.quantize_latent(tok.encoder(tok._to_model(x0)))
 
+    if resuming:  # continue the random streams of the run (the quantizer's code restarts draw from torch's)
+        set_rng_state(state["rng"], rng)
     recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not progress, desc="image tokenizer",
@@ -499,7 +479,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
     try:
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                g["lr"] = _lr(step, cfg)
             x = sampler.batch(step)
             target = x * 2 - 1
             recon, codes, qloss = tok(x, fsq_entropy)
@@ -522,7 +502,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
             opt.step()
             if gan_on:  # hinge loss (VQGAN)
                 for g in dopt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                    g["lr"] = _lr(step, cfg)
                 d_loss = F.relu(1 - disc(target)).mean() + F.relu(1 + disc(recon.detach())).mean()
                 dopt.zero_grad(set_to_none=True)
                 d_loss.backward()
@@ -552,9 +532,11 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
         m.update(step=final_step, eval_on=eval_on, train_seconds=round(time.time() - t_start, 1))
         write_log({"event": "final_eval", **m})
     finally:
-        logf.close()
+        metrics.close()
     from omni.io import atomic_write_text
+    from omni.tokenizers.base import save_tokenizer
 
+    save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
     atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")
     log(f"train data: {report}")
     log(f"eval ({eval_on}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color baseline "

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _chameleon(args) -> int:
     from pathlib import Path
 
-    from omni.convert_chameleon import convert_chameleon
+    from omni.chameleon import convert_chameleon
     from omni.errors import OmniError
 
     out = Path(args.out)

@@ -81,8 +81,8 @@ def _generate(args) -> int:
     from omni.checkpoint import load
     from omni.config import load_section
     from omni.errors import OmniError
-    from omni.generate import generate
-    from omni.generate.page import write_page
+    from omni.generation.generator import generate
+    from omni.generation.page import write_page
 
     cfg = load_section("generate", args.config, args.overrides)
     if args.batch and (args.prompt or args.image or args.audio):

@@ -16,7 +16,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         description="Train the audio tokenizer (whisper log-mel + whisper AudioEncoder + VQ codes, "
         "with a token-to-mel decoder and Griffin-Lim) on wav/flac/ogg files in folders or WebDataset "
         ".tar shards, and write a tokenizer folder that `omni tokenizer bundle --audio DIR` takes. "
-        "Empty, silent, corrupt and unsupported files are skipped and counted.",
+        "Empty, silent, corrupt and unsupported files are skipped and counted. An existing run in --out "
+        "is resumed.",
         epilog=help_text(AudioTokenizerRecipe)
         + "\n(keys are relative to the recipe's tokenizer.audio section)\n\nexample:\n  omni tokenizer train audio --data speech/train --out tok/audio "
         "--config recipes/tokenizers/audio.yaml train.steps=500",
@@ -26,6 +27,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    help="folders of audio files, audio files, or WebDataset .tar shards")
     p.add_argument("--out", required=True, metavar="DIR", help="tokenizer folder to write")
     p.add_argument("--config", metavar="YAML", help="a recipe to start from (its tokenizer.audio section is used)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
     p.set_defaults(func=_train)
@@ -56,7 +58,8 @@ def _train(args) -> int:
     from omni.tokenizers.audio_train import train_audio_tokenizer
 
     recipe = load_section("tokenizer.audio", args.config, list(args.overrides))
-    tok, summary = train_audio_tokenizer(args.data, recipe, out=args.out, progress=not args.quiet)
+    tok, summary = train_audio_tokenizer(args.data, recipe, out=args.out, progress=not args.quiet,
+                                         resume=not args.no_resume)
     final = summary["final"]
     print(f"wrote {args.out}: {tok} after {summary['steps']} steps in {summary['train_seconds']} s "
           f"(train mel L1 {final['mel_l1']:.4f}, batch codebook usage {final['batch_usage']:.2f})")

@@ -97,7 +97,7 @@ def _eval(args) -> int:
     images = eval_images(args.data, size, args.crops, args.max_images, report, min_side=1, seed=args.seed,
                          preprocess=tok.preprocess)
     m = evaluate(tok, images, batch_size=args.batch_size)
-    m["data"] = report.to_dict()
+    m["data"] = report.to_json()
     m["mode"] = f"{args.crops} native-resolution crops per image" if args.crops else "whole images, resize + center crop"
     text = json.dumps(m, indent=1)
     if args.out:

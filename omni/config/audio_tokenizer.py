@@ -129,7 +129,9 @@ class AudioTrainConfig:
     num_threads: int = 2
     """torch CPU threads."""
     log_every: int = 50
-    """Write a train_log.jsonl line every this many steps."""
+    """Write a metrics.jsonl row every this many steps."""
+    save_every: int = 100
+    """Write a resumable checkpoint (OUT/step_XXXXXX) every this many steps (0: only at the end)."""
     seed: int = 0
     """Seed of the data order and crops."""
 
@@ -144,6 +146,7 @@ class AudioTrainConfig:
         check(self.max_clips >= 1, "max_clips", self.max_clips, ">= 1")
         check(1 <= self.num_threads <= 256, "num_threads", self.num_threads, "in [1, 256]")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        check(self.save_every >= 0, "save_every", self.save_every, ">= 0")
 
 
 @dataclass

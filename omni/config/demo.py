@@ -38,7 +38,7 @@ class DemoConfig:
     """Caption to image: candidates sampled per caption; the one the model itself reads back as the
     caption best is kept (GenerateConfig.rerank). metrics.json also keeps the first candidate's score."""
     judge_scenes: int = 600
-    """Scenes the image judge (omni.toy.judge) is trained on; it reads generated images."""
+    """Scenes the image judge (omni.eval.judge) is trained on; it reads generated images."""
     eval_scenes: int = 100
     """Held-out scenes each task is measured on (never seen in training)."""
     stories: list[str] = field(default_factory=lambda: [

@@ -8,15 +8,14 @@ gradient of 1 process with the whole batch), gradient clipping, AdamW, the learn
 
 A non-finite loss or gradient skips the optimizer step (counted and logged); ``max_bad_steps``
 in a row abort the run. SIGTERM and SIGUSR1 (preemption) finish the current step, save a
-checkpoint and exit cleanly. Checkpoints (omni.train.checkpointing) hold everything needed to
-continue bit for bit: on a CPU, 2N steps in one run equal N steps, a kill, a resume and N more.
+checkpoint and exit cleanly. Checkpoints (omni.train.checkpointing, in the run convention of
+:mod:`omni.run`: run.yaml, metrics.jsonl, step_XXXXXX/) hold everything needed to continue bit for bit: on a CPU, 2N steps in one run equal N steps, a kill, a resume and N more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ import torch
 
 from omni.config import RunConfig
 from omni.errors import OmniError
-from omni.io import atomic_write_text
 from omni.parallel.dist import (
     DistInfo,
     all_reduce_max,
@@ -34,11 +32,9 @@ from omni.parallel.dist import (
     init_distributed,
     parallelize,
 )
-from omni.train import checkpointing as ckpt
-from omni.train.schedule import lr_at
+from omni.run import MetricsLog, find_resume, lr_at, prune, save_run_config, set_rng_state, step_dir
+from omni.train.checkpointing import load_train_checkpoint, save_train_checkpoint
 from omni.vocab import MODALITY_NAMES
-
-METRICS = "metrics.jsonl"
 
 
 class _StopFlag:
@@ -62,39 +58,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class MetricsLog:
-    """JSONL metrics (always) and TensorBoard scalars (optional), written by rank 0 only."""
-
-    def __init__(self, out: Path, tensorboard: bool, resume_step: int, enabled: bool):
-        self.path = out / METRICS
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop what was logged after the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k.replace("loss_", "loss/"), v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -145,11 +108,11 @@ class Trainer:
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.tokens_seen = 0
-        found = ckpt.find_resume(self.out, resume)
+        found = find_resume(self.out, resume)
         if found is not None:
             self._restore(found)
         self.resumed_from = found
-        self.log = MetricsLog(self.out, tc.tensorboard, self.step, self.info.is_main)
+        self.log = MetricsLog(self.out, self.step, tc.tensorboard, self.info.is_main)
 
     # --- state ---------------------------------------------------------------------------
     def _full_states(self) -> tuple[dict, dict]:
@@ -170,7 +133,7 @@ class Trainer:
             set_optimizer_state_dict,
         )
 
-        model_state, optim_state, state, rng = ckpt.load_train_checkpoint(path)
+        model_state, optim_state, state, rng = load_train_checkpoint(path)
         if state.get("world") != self.info.world or state.get("micro_batch_size") != self.cfg.train.micro_batch_size:
             raise OmniError(f"cannot resume {path}: it was saved with world={state.get('world')}, "
                             f"micro_batch_size={state.get('micro_batch_size')}; this run has world={self.info.world}, "
@@ -182,7 +145,7 @@ class Trainer:
         self.step = state["step"]
         self.bad_in_row, self.skipped_steps = state["bad_in_row"], state["skipped_steps"]
         self.tokens_seen = state["tokens_seen"]
-        ckpt.set_rng_state(state["rng"], rng)
+        set_rng_state(state["rng"], rng)
 
     def save(self) -> Path | None:
         model_state, optim_state = self._full_states()  # collective under FSDP: every rank calls it
@@ -191,9 +154,9 @@ class Trainer:
             trainer_state = {"data": self.stream.state_dict(), "bad_in_row": self.bad_in_row,
                              "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                              "world": self.info.world, "micro_batch_size": self.cfg.train.micro_batch_size}
-            path = ckpt.save_train_checkpoint(self.out, self.step, model_state, optim_state, self.cfg.model,
+            path = save_train_checkpoint(self.out, self.step, model_state, optim_state, self.cfg.model,
                                               self.tok, self.cfg, trainer_state)
-            ckpt.prune(self.out, self.cfg.train.keep_last)
+            prune(self.out, self.cfg.train.keep_last)
         barrier()
         return path
 
@@ -208,7 +171,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, tc, dev = self.cfg, self.cfg.train, self.info.device
-        lr = lr_at(self.step, tc)
+        lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr, tc.decay_fraction)
         for g in self.opt.param_groups:
             g["lr"] = lr
         batches = [self.stream.next_batch(tc.micro_batch_size) for _ in range(tc.grad_accum)]
@@ -279,9 +242,7 @@ class Trainer:
 
         tc = self.cfg.train
         if self.info.is_main:
-            from omni.config import save_config
-
-            save_config(self.cfg, self.out / "run.yaml")
+            save_run_config(self.cfg, self.out)
         bar = tqdm(total=tc.steps, initial=self.step, unit="step", desc="train", disable=not (self.progress and self.info.is_main))
         last_saved = self.step if self.resumed_from is not None else -1
         stopped_by = None
@@ -316,10 +277,10 @@ class Trainer:
             self.save()
         self.log.close()
         if stopped_by and self.info.is_main:
-            print(f"{stopped_by}: saved {ckpt.step_dir(self.out, self.step)}; rerun the same command to resume",
+            print(f"{stopped_by}: saved {step_dir(self.out, self.step)}; rerun the same command to resume",
                   flush=True)
         return {"step": self.step, "skipped_steps": self.skipped_steps, "stopped_by": stopped_by,
-                "checkpoint": str(ckpt.step_dir(self.out, self.step))}
+                "checkpoint": str(step_dir(self.out, self.step))}
 
 
 def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:

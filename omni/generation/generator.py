@@ -32,8 +32,8 @@ import torch
 from omni.config.generate import GenerateConfig
 from omni.document import Document, Text
 from omni.errors import OmniError
-from omni.generate.jacobi import Drafts, jacobi_window
-from omni.generate.processors import (
+from omni.generation.jacobi import Drafts, jacobi_window
+from omni.generation.processors import (
     IMAGE_MODE,
     ClassifierFreeGuidance,
     DecodeState,

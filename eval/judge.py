@@ -28,7 +28,7 @@ tiny, fast classification problem (seconds) that generalizes to any number of ob
     judge.correct(image, "a red circle and a blue square")   # True / False
     judge.save("runs/judge"); judge = Judge.load("runs/judge")   # safetensors + judge.json
 
-``python -m omni.toy.judge [--scenes N] [--out DIR]`` trains one and prints held-out accuracy.
+``python -m omni.eval.judge [--scenes N] [--out DIR]`` trains one and prints held-out accuracy.
 """
 
 from __future__ import annotations
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import time
 
-    ap = argparse.ArgumentParser(prog="python -m omni.toy.judge", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m omni.eval.judge", description=__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=600, help="training scenes (default 600)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=1000, help="held-out scenes to score (default 1000)")
