@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import whisper.audio
 
+    from omni.eval.metrics import envelope_correlation
     from omni.tokenizers.audio import HOP, N_FFT, SAMPLE_RATE, log_mel, mel_to_wave
-    from omni.tokenizers.audio_train import envelope_correlation
     from omni.toy import speech
 
     torch.set_num_threads(args.threads)

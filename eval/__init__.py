@@ -1,0 +1,47 @@
+"""Evaluation (installed as ``omni.eval``): metrics, the tokenizer runners, the any-to-any demo suite, the judge.
+
+* :mod:`omni.eval.metrics`: reconstruction metrics (PSNR, SSIM, codebook usage and perplexity,
+  energy envelopes): pure functions of tensors;
+* :mod:`omni.eval.tokenizers`: the image- and audio-tokenizer runners (and the evaluator the image
+  tokenizer trainer calls every ``eval_every`` steps);
+* :mod:`omni.eval.judge`: the image judge of the toy world (which colored shapes a picture shows);
+* :mod:`omni.eval.demo`: the any-to-any suite of ``omni demo`` (caption <-> image, speech <-> text,
+  stories), judged on held-out scenes.
+
+:data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
+runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an
+:class:`omni.config.eval.EvalConfig`), registered by ``'module:function'`` and imported on first use.
+
+May import everything below the command line (core, tokenizers, data, generation, toy); nothing
+but the CLI imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from omni.errors import OmniError
+
+SUITES: dict[str, str | Callable] = {
+    "image-tokenizer": "omni.eval.tokenizers:image_suite",
+    "audio-tokenizer": "omni.eval.tokenizers:audio_suite",
+    "demo": "omni.eval.demo:demo_suite",
+}
+"""Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
+
+
+def register_suite(name: str, fn: str | Callable) -> None:
+    """Make ``omni eval NAME`` run ``fn`` (a function or 'module:function')."""
+    SUITES[name] = fn
+
+
+def suite(name: str) -> Callable:
+    """The function of suite ``name``; an unknown name is an OmniError listing the suites."""
+    if name not in SUITES:
+        raise OmniError(f"unknown evaluation suite {name!r}; suites: {', '.join(sorted(SUITES))}")
+    fn = SUITES[name]
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        fn = SUITES[name] = getattr(importlib.import_module(module), attr)
+    return fn

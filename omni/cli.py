@@ -19,6 +19,7 @@ GROUPS = {
     "generate": "omni.commands.generate",
     "convert": "omni.commands.convert",
     "model": "omni.commands.model",
+    "eval": "omni.commands.eval",
     "demo": "omni.commands.demo",
 }
 

@@ -16,13 +16,10 @@ from conftest import run_cli
 from omni.config import load_config
 from omni.config.audio_tokenizer import AudioTokenizerConfig, AudioTokenizerRecipe
 from omni.errors import ConfigError, OmniError
+from omni.eval.metrics import envelope_correlation
+from omni.eval.tokenizers import evaluate_audio_tokenizer
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQAudioTokenizer
-from omni.tokenizers.audio_train import (
-    envelope_correlation,
-    evaluate_audio_tokenizer,
-    load_clips,
-    train_audio_tokenizer,
-)
+from omni.tokenizers.audio_train import load_clips, train_audio_tokenizer
 from omni.toy import speech
 
 # A small tokenizer that trains in ~30-60 s on a shared 2-core CPU (600 steps of 8 two-second windows).
@@ -250,7 +247,7 @@ def test_cli_train_and_eval(speech_dir, tmp_path):
     assert "wrote" in stdout and (out / "tokenizer.json").is_file()
     report_path = tmp_path / "eval.json"
     rc, stdout, stderr = run_cli("tokenizer", "eval", "audio", "--tokenizer", out, "--data",
-                                 speech_dir / "heldout", "--max-clips", "2", "--threads", "1", "--out", report_path)
+                                 speech_dir / "heldout", "--out", report_path, "max_clips=2", "threads=1")
     assert rc == 0, stderr
     report = json.loads(report_path.read_text())
     assert json.loads(stdout) == report

@@ -90,14 +90,18 @@ def test_load_section_takes_relative_overrides():
 
 
 def test_every_shipped_recipe_loads():
-    """litgpt's config-hub test: every YAML under recipes/ is a valid (partial) RunConfig."""
+    """litgpt's config-hub test: every YAML under recipes/ is a valid (partial) RunConfig, and those of
+    recipes/demo/ valid DemoRunConfigs (the demo's settings are not part of RunConfig)."""
     from omni.config import recipes_dir
+    from omni.eval.demo import DemoRunConfig
 
     root = Path(str(recipes_dir()))
     recipes = sorted(root.rglob("*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
-        load_config(RunConfig, path)
+        load_config(DemoRunConfig if path.parent.name == "demo" else RunConfig, path)
+    with pytest.raises(ConfigError, match="demo"):  # RunConfig has no demo section
+        load_config(RunConfig, root / "demo" / "default.yaml")
 
 
 def test_resolve_recipe_by_name_lists_choices_when_unknown():

@@ -93,6 +93,16 @@ def test_finished_demo_reruns_in_seconds_and_refuses_other_settings(small_demo):
     assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 800)" in err
 
 
+def test_eval_demo_suite_reproduces_the_demo_figures(small_demo, tmp_path):
+    """`omni eval demo` is the demo's last stage as a suite: on the finished folder it gives the same figures."""
+    out, _, _ = small_demo
+    rc, _, err = run_cli("eval", "demo", "--checkpoint", out, "--out", tmp_path / "again")
+    assert rc == 0, err
+    first, again = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "again"))
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    assert (tmp_path / "again" / "index.html").is_file()
+
+
 def test_bad_demo_settings_exit_2_naming_the_key(tmp_path):
     rc, _, err = run_cli("demo", "--out", tmp_path / "a", "demo.canvas=16")
     assert rc == 2 and "demo.canvas=16 is invalid" in err

@@ -159,7 +159,7 @@ def test_reader_converts_and_counts_bad_input(messy_dir):
 def test_ssim_matches_scikit_image(crops):
     from skimage.metrics import structural_similarity
 
-    from omni.tokenizers.image_train import ssim
+    from omni.eval.metrics import ssim
 
     x, y = crops[:2], (crops[:2] + 0.1 * torch.randn_like(crops[:2])).clamp(0, 1)
     ours = ssim(x, y)
@@ -172,9 +172,11 @@ def test_ssim_matches_scikit_image(crops):
 @pytest.mark.slow
 def test_short_training_beats_mean_color_baseline_and_uses_the_codebook(tmp_path):
     """About 30 s on real photo crops: held-out PSNR clearly above the mean-color baseline."""
+    from omni.eval.tokenizers import ImageEvaluator, eval_images
+    from omni.eval.tokenizers import evaluate_image_tokenizer as evaluate
     from omni.media import SkipReport
     from omni.tokenizers.image import VQImageTokenizer
-    from omni.tokenizers.image_train import eval_images, evaluate, train_image_tokenizer
+    from omni.tokenizers.image_train import train_image_tokenizer
 
     model = tiny(channel_multiplier=[1, 2, 2], codebook_size=128, norm_groups=0)  # 4x: 8x8 codes of 32 px
     cfg = ImageTrainConfig(model=model, steps=300, batch_size=8, lr=5e-3, recon_loss="l2",
@@ -183,8 +185,8 @@ def test_short_training_beats_mean_color_baseline_and_uses_the_codebook(tmp_path
     held = eval_images("photos:heldout", 32, 32, 2048, SkipReport(), seed=0)
     torch.manual_seed(cfg.seed)
     before = evaluate(VQImageTokenizer(cfg.model).eval(), held)
-    tok = train_image_tokenizer("photos:train", tmp_path / "run", cfg, eval_data="photos:heldout", progress=False,
-                                log=lambda s: None)
+    tok = train_image_tokenizer("photos:train", tmp_path / "run", cfg, ImageEvaluator("photos:heldout", cfg),
+                                progress=False, log=lambda s: None)
     after = json.loads((tmp_path / "run" / "eval.json").read_text())
     # 300 steps of a tiny model: about +1.5 dB (the few-minute recipe runs reach about +6 dB)
     assert after["psnr"] > after["psnr_mean_color_baseline"] + 1.0, after
@@ -199,6 +201,7 @@ def test_fsq_entropy_loss_fills_the_codebook_on_photos(tmp_path):
     """Plain FSQ on a short run leaves most of its level grid unused (correlated channels); the
     entropy loss fills it on held-out crops at about the same PSNR. (This 300-step tiny model needs
     weight 0.05; the recipe's 2000-step run uses 0.01.)"""
+    from omni.eval.tokenizers import ImageEvaluator
     from omni.tokenizers.image_train import train_image_tokenizer
 
     results = {}
@@ -207,7 +210,7 @@ def test_fsq_entropy_loss_fills_the_codebook_on_photos(tmp_path):
         cfg = ImageTrainConfig(model=model, steps=300, batch_size=8, lr=5e-3, recon_loss="l1", warmup_steps=10,
                                betas=[0.9, 0.99], eval_every=0, save_every=0, eval_crops_per_image=64,
                                log_every=50, threads=1, fsq_entropy_weight=weight)
-        train_image_tokenizer("photos:train", tmp_path / str(weight), cfg, eval_data="photos:heldout",
+        train_image_tokenizer("photos:train", tmp_path / str(weight), cfg, ImageEvaluator("photos:heldout", cfg),
                               progress=False, log=lambda s: None)
         results[weight] = json.loads((tmp_path / str(weight) / "eval.json").read_text())
     plain, spread = results[0.0], results[0.05]
@@ -238,13 +241,25 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
     assert (out / "model.safetensors").read_bytes() != w2
 
     rc, stdout, stderr = run_cli("tokenizer", "eval", "image", "--tokenizer", str(out), "--data", str(messy_dir),
-                                 "--crops", "1", "--out", str(tmp_path / "eval.json"))
+                                 "crops_per_image=1", "--out", str(tmp_path / "eval.json"))
     assert rc == 0, stderr
     m = json.loads((tmp_path / "eval.json").read_text())
     for key in ("psnr", "ssim", "codebook_usage", "code_perplexity", "encode_images_per_s", "decode_images_per_s",
                 "psnr_mean_color_baseline"):
         assert key in m
     assert m["images"] == 10 and m["data"]["skipped"]["corrupt_image"] == 3  # the tiny image is upscaled here
+    # `omni tokenizer eval image` is an alias of the suite `omni eval image-tokenizer` (keys of its image section)
+    rc, stdout, stderr = run_cli("eval", "image-tokenizer", "--checkpoint", str(out), "--data", str(messy_dir),
+                                 "--out", str(tmp_path / "suite"), "image.crops_per_image=1")
+    assert rc == 0, stderr
+    suite = json.loads((tmp_path / "suite" / "metrics.json").read_text())
+    speed = ("encode_images_per_s", "decode_images_per_s")
+    assert {k: v for k, v in suite.items() if k not in speed} == {k: v for k, v in m.items() if k not in speed}
+    rc, _, stderr = run_cli("eval", "image-tokenizer", "--checkpoint", str(out), "--data", str(messy_dir),
+                            "image.crops=1")
+    assert rc == 2 and "image.crops" in stderr and "crops_per_image" in stderr  # keys, not flags
+    rc, _, stderr = run_cli("eval", "nope", "--checkpoint", str(out))
+    assert rc == 2 and "image-tokenizer" in stderr
 
     rc, _, stderr = run_cli(*common[:-1], "steps=4", "model.quantizer=vq")
     assert rc == 2 and "another model config" in stderr

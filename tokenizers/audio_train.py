@@ -1,4 +1,4 @@
-"""Training and evaluation of the whisper-VQ audio tokenizer (:mod:`omni.tokenizers.audio`).
+"""Training of the whisper-VQ audio tokenizer (:mod:`omni.tokenizers.audio`).
 
 Data: audio folders (searched recursively) and WebDataset ``.tar`` shards (their ``.wav``,
 ``.flac`` and ``.ogg`` members; other members belong to other modalities and are ignored). Files
@@ -8,14 +8,13 @@ silent-only, corrupt and unsupported (.mp3, .m4a, ...) files are skipped and cou
 Training is a VQ-VAE on whisper log-mel: windows of exactly ``chunk_seconds`` (the encoder's
 window, see the module docstring of :mod:`omni.tokenizers.audio`) are cut at random, token-aligned,
 from the clips; loss = L1(decoded log-mel, log-mel) + commitment loss; AdamW with warmup and
-cosine decay. Evaluation reports mel L1 (and that of an untrained decoder on the same codes),
-codebook usage, tokens per second, envelope correlation and encode/decode real-time factors.
+cosine decay. Its evaluation (mel L1, codebook usage, envelope correlation, real-time factors)
+is :func:`omni.eval.tokenizers.evaluate_audio_tokenizer`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from omni.run import (
     set_rng_state,
     write_checkpoint,
 )
-from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQ, WhisperVQAudioTokenizer, mel_to_wave
+from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQAudioTokenizer
 
 SILENCE = 1e-4
 """Clips whose peak stays below this are silent-only and skipped (``corrupt_audio``)."""
@@ -96,26 +95,6 @@ def describe(clips: list[Clip], report: SkipReport) -> str:
 def data_json(clips: list[Clip], report: SkipReport) -> dict:
     return {"clips": len(clips), "seconds": round(sum(c.seconds for c in clips), 3),
             "skipped": dict(sorted(report.skipped.items()))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-def energy_envelope(wave: np.ndarray, frame: int = 320, floor_db: float = -60.0) -> np.ndarray:
-    """Frame energies in dB [frames] (20 ms frames at 16 kHz), floored ``floor_db`` below the loudest."""
-    w = np.asarray(wave, dtype=np.float64)
-    n = len(w) // frame
-    e = 10 * np.log10((w[: n * frame].reshape(n, frame) ** 2).mean(1) + 1e-12)
-    return np.maximum(e, e.max() + floor_db) if n else e
-
-
-def envelope_correlation(a: np.ndarray, b: np.ndarray, frame: int = 320) -> float:
-    """Pearson correlation of the energy envelopes of two 16 kHz waves (over their common length)."""
-    ea, eb = energy_envelope(a, frame), energy_envelope(b, frame)
-    n = min(len(ea), len(eb))
-    if n < 2 or ea[:n].std() == 0 or eb[:n].std() == 0:
-        return 0.0
-    return float(np.corrcoef(ea[:n], eb[:n])[0, 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,87 +243,9 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     return tok, summary
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_audio_tokenizer(tok: WhisperVQAudioTokenizer, data, max_clips: int = 200) -> dict:
-    """Reconstruction and efficiency of ``tok`` on the clips of ``data``; a JSON-ready dict.
-
-    mel_l1: mean |decoded log-mel - log-mel| (whisper's scale) over all frames;
-    mel_l1_untrained_decoder: the same for a freshly initialized decoder fed the same codes;
-    mel_l1_mean_baseline: predicting each mel bin's mean over the evaluated clips (a constant);
-    codebook_usage: distinct codes used / codebook size (averaged over residual levels);
-    code_perplexity: exp(entropy) of the code distribution;
-    envelope_correlation: mean over clips of the correlation of 20 ms energy envelopes (dB)
-    between input and decoded wave; encode_rtf / decode_rtf: seconds of compute per second of
-    audio (decode includes Griffin-Lim; vocoder_rtf is that part alone).
-    """
-    clips, stats = load_clips(data, max_clips)
-    cfg = tok.config
-    model = tok.model.eval()
-    torch.manual_seed(cfg.seed + 1)
-    fresh = WhisperVQ(cfg).decoder.eval()  # the untrained-decoder reference
-    q = cfg.num_quantizers
-    all_codes, targets = [], []
-    l1_sum = l1_fresh_sum = frames = 0.0
-    t_enc = t_dec = t_voc = seconds = 0.0
-    env = []
-    for clip in clips:
-        wave = torch.from_numpy(clip.wave)
-        seconds += clip.seconds
-        t = time.perf_counter()
-        codes = tok.encode(wave, SAMPLE_RATE)
-        t_enc += time.perf_counter() - t
-        t = time.perf_counter()
-        mel_hat = tok.decode_mel(codes)  # [n_mels, F]
-        t_dec += time.perf_counter() - t
-        t = time.perf_counter()
-        wave_hat = mel_to_wave(mel_hat, cfg.griffin_lim_iters)
-        t_voc += time.perf_counter() - t
-        target = tok.mel_chunks(wave)[0].permute(1, 0, 2).reshape(cfg.n_mels, -1)[:, : mel_hat.shape[1]]
-        z = model.quantizer.get_output_from_indices(tok._steps(codes))
-        l1_sum += (mel_hat - target).abs().sum().item()
-        l1_fresh_sum += (fresh(z)[0] - target).abs().sum().item()
-        frames += target.numel()
-        targets.append(target)
-        all_codes.append(codes.reshape(-1, q))
-        env.append(envelope_correlation(clip.wave, wave_hat))
-    codes = torch.cat(all_codes)  # [N, Q]
-    usage, perplexity = [], []
-    for level in range(q):
-        counts = torch.bincount(codes[:, level], minlength=cfg.codebook_size).double()
-        p = counts[counts > 0] / counts.sum()
-        usage.append((counts > 0).sum().item() / cfg.codebook_size)
-        perplexity.append(math.exp(-(p * p.log()).sum().item()))
-    mels = torch.cat(targets, 1)  # [n_mels, all frames]
-    mean_l1 = (mels - mels.mean(1, keepdim=True)).abs().mean().item()
-    return {
-        "clips": len(clips),
-        "seconds": round(seconds, 2),
-        "mel_l1": l1_sum / frames,
-        "mel_l1_untrained_decoder": l1_fresh_sum / frames,
-        "mel_l1_mean_baseline": mean_l1,
-        "codebook_usage": sum(usage) / q,
-        "code_perplexity": sum(perplexity) / q,
-        "codebook_size": cfg.codebook_size,
-        "tokens": codes.numel(),
-        "tokens_per_second": codes.numel() / seconds,
-        "envelope_correlation": float(np.mean(env)),
-        "envelope_correlation_min": float(np.min(env)),
-        "encode_rtf": t_enc / seconds,
-        "decode_rtf": (t_dec + t_voc) / seconds,
-        "vocoder_rtf": t_voc / seconds,
-        "data": data_json(clips, stats),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 __all__ = [
     "Clip",
     "describe",
-    "envelope_correlation",
-    "evaluate_audio_tokenizer",
     "iter_clips",
     "load_clips",
     "train_audio_tokenizer",

@@ -153,113 +153,6 @@ class CropSampler:
                             for i in picks])
 
 
-def eval_images(data, size: int, crops_per_image: int, max_images: int, report: SkipReport,
-                min_side: int = 1, seed: int = 0, preprocess: Callable | None = None) -> torch.Tensor:
-    """The fixed evaluation set: float [N,3,size,size].
-
-    ``crops_per_image > 0``: that many native-resolution random crops per image (seeded);
-    ``0``: one image per file, resized and center-cropped by ``preprocess`` (the tokenizer's rule).
-    """
-    out: list[torch.Tensor] = []
-    for i, (_, a) in enumerate(iter_images(data, report, min_side)):
-        if crops_per_image == 0:
-            out.append(preprocess(_to_float(a)))
-        else:
-            rng = np.random.default_rng([seed, 1_000_003, i])
-            out.extend(random_crop(a, size, (1.0, 1.0), rng, False) for _ in range(crops_per_image))
-        if len(out) >= max_images:
-            break
-    if not out:
-        raise OmniError(f"no readable images to evaluate on in {data}: {report}")
-    return torch.stack(out[:max_images])
-
-
-# ------------------------------------------------------------------------------------------
-# Metrics
-# ------------------------------------------------------------------------------------------
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of [B,3,H,W] images in [0,1] -> [B] (capped at 100 dB)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0)
-
-
-def pooled_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of the mean squared error over all images and pixels (torchmetrics' default reduction)."""
-    mse = (x.double() - y.double()).pow(2).mean()
-    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) of [B,3,H,W] in [0,1] -> [B].
-
-    Gaussian window sigma 1.5, 11 taps, K1=0.01, K2=0.03, mean over the valid region and the
-    channels: the figure ``skimage.metrics.structural_similarity(gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)`` gives.
-    """
-    x, y = x.double(), y.double()
-    r = 5
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    g = torch.exp(-(t**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    c = x.shape[1]
-    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)  # separable: along W, then along H
-    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def blur(z):
-        return F.conv2d(F.conv2d(z, wh, groups=c), wv, groups=c)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
-
-
-def code_stats(codes: torch.Tensor, codebook_size: int) -> dict:
-    """Share of the codebook used and the perplexity (exp entropy) of the code histogram."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
-    p = counts / counts.sum()
-    nz = p[p > 0]
-    return {"codebook_usage": float((counts > 0).sum()) / codebook_size,
-            "codes_used": int((counts > 0).sum()),
-            "code_perplexity": float(torch.exp(-(nz * nz.log()).sum()))}
-
-
-@torch.no_grad()
-def evaluate(tok: VQImageTokenizer, images: torch.Tensor, batch_size: int = 64) -> dict:
-    """Reconstruction and code statistics of ``tok`` on ``images`` [N,3,S,S]; restores train mode after."""
-    was_training = tok.training
-    tok.eval()
-    codes, recons = [], []
-    t_enc = t_dec = 0.0
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        t0 = time.perf_counter()
-        c = tok.encode(x)
-        t1 = time.perf_counter()
-        r = tok.decode(c) if tok.config.has_decoder else None
-        t2 = time.perf_counter()
-        t_enc, t_dec = t_enc + (t1 - t0), t_dec + (t2 - t1)
-        codes.append(c)
-        if r is not None:
-            recons.append(r)
-    tok.train(was_training)
-    codes_t = torch.cat(codes)
-    n = len(images)
-    baseline = images.mean(dim=(2, 3), keepdim=True).expand_as(images)  # each image's mean color
-    out = {"images": n, "image_size": list(tok.image_size), "grid": list(tok.grid),
-           "codebook_size": tok.codebook_size, **code_stats(codes_t, tok.codebook_size),
-           "encode_images_per_s": n / max(t_enc, 1e-9),
-           "psnr_mean_color_baseline": pooled_psnr(baseline, images),
-           "psnr_per_image_mean_color_baseline": float(psnr(baseline, images).mean())}
-    if recons:
-        rec = torch.cat(recons)
-        out.update(psnr=pooled_psnr(rec, images), psnr_per_image=float(psnr(rec, images).mean()),
-                   ssim=float(ssim(rec, images).mean()), decode_images_per_s=n / max(t_dec, 1e-9))
-        out["psnr_over_baseline"] = out["psnr"] - out["psnr_mean_color_baseline"]
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # Perceptual loss and discriminator
 # ------------------------------------------------------------------------------------------
@@ -391,20 +284,25 @@ def _lr(step: int, cfg: ImageTrainConfig) -> float:
     return lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
-def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig, eval_data=None,
-                          resume: bool = True, progress: bool = True,
-                          log: Callable[[str], None] = print) -> VQImageTokenizer:
-    """Train (or resume) a VQ image tokenizer on ``data``; write checkpoints and eval.json to ``out``."""
+def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig,
+                          evaluator: Callable[[VQImageTokenizer], dict] | None = None, resume: bool = True,
+                          progress: bool = True, log: Callable[[str], None] = print) -> VQImageTokenizer:
+    """Train (or resume) a VQ image tokenizer on ``data`` into ``out``.
+
+    ``evaluator(tok) -> dict`` (for example :class:`omni.eval.tokenizers.ImageEvaluator`) is called
+    every ``eval_every`` steps and at the end; its figures are logged, and the last ones written
+    to ``out/eval.json``. Without one, the run measures nothing.
+    """
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(data, Path(out), cfg, eval_data, resume, progress, log)
+        return _train(data, Path(out), cfg, evaluator, resume, progress, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, progress: bool,
+def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, progress: bool,
            log: Callable[[str], None]) -> VQImageTokenizer:
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -445,22 +343,12 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
 
     report = SkipReport()
     sampler = CropSampler(data, cfg, report)
-    eval_report = SkipReport()
-    if eval_data is not None:
-        eval_set = eval_images(eval_data, cfg.model.image_size, cfg.eval_crops_per_image, cfg.eval_max_images,
-                               eval_report, cfg.min_image_side, cfg.seed, tok.preprocess)
-        eval_on = "held-out data"
-    else:  # no held-out data: fixed crops of the training images (not a generalization figure)
-        eval_set = eval_images(data, cfg.model.image_size, cfg.eval_crops_per_image, cfg.eval_max_images,
-                               eval_report, cfg.min_image_side, cfg.seed, tok.preprocess)
-        eval_on = "training images (no --eval-data given)"
     log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
-    log(f"eval data ({eval_on}): {len(eval_set)} images; {eval_report}")
     log(f"model: {tok}")
 
     metrics = MetricsLog(out, resume_step=start)
     write_log = metrics.write
-    write_log({"event": "data", "train": report.to_json(), "eval": eval_report.to_json(), "eval_on": eval_on})
+    write_log({"event": "data", "train": report.to_json()})
 
     if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
         # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code
@@ -511,14 +399,16 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with torch.no_grad():
-                    train_psnr = float(psnr(((recon + 1) / 2).clamp(0, 1), x).mean())
+                    # the batch's mean per-image PSNR, for the log (omni.eval.metrics.psnr's figure)
+                    mse = (((recon + 1) / 2).clamp(0, 1) - x).pow(2).flatten(1).mean(1)
+                    train_psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0).mean())
                 rec_log = {"step": done, "loss": loss.item(), **terms, "psnr": train_psnr,
                            "batch_codes_used": int(codes.unique().numel()), "lr": opt.param_groups[0]["lr"],
                            "elapsed_s": round(time.time() - t_start, 2)}
                 write_log(rec_log)
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.2f}")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                m = evaluate(tok, eval_set)
+            if evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                m = evaluator(tok)
                 write_log({"step": done, "event": "eval", **m})
                 bar.write(f"step {done}: eval psnr {m['psnr']:.2f} dB (baseline "
                           f"{m['psnr_mean_color_baseline']:.2f}), usage {m['codebook_usage']:.1%}")
@@ -528,18 +418,21 @@ def _train(data, out: Path, cfg: ImageTrainConfig, eval_data, resume: bool, prog
         bar.close()
         final_step = max(cfg.steps, start)
         save_checkpoint(out, tok, cfg, final_step, opt, disc, dopt)
-        m = evaluate(tok, eval_set)
-        m.update(step=final_step, eval_on=eval_on, train_seconds=round(time.time() - t_start, 1))
-        write_log({"event": "final_eval", **m})
+        m = None
+        if evaluator is not None:
+            m = evaluator(tok)
+            m.update(step=final_step, train_seconds=round(time.time() - t_start, 1))
+            write_log({"event": "final_eval", **m})
     finally:
         metrics.close()
     from omni.io import atomic_write_text
     from omni.tokenizers.base import save_tokenizer
 
     save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
-    atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")
     log(f"train data: {report}")
-    log(f"eval ({eval_on}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color baseline "
-        f"{m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
-        f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
+    if m is not None:
+        atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")
+        log(f"eval ({m.get('eval_on', 'eval data')}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color "
+            f"baseline {m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
+            f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
     return tok.eval()

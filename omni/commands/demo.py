@@ -14,15 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a toy any-to-any model end to end and show what it learned",
         description="Make a toy world (scenes of colored shapes, captions, espeak-ng speech, stories), "
         "train the text, image and audio tokenizers on it, preprocess, pretrain an OmniDecoder "
-        "(recipes/demo.yaml), then generate on held-out scenes and measure: DIR/index.html and "
+        "(recipes/demo/default.yaml), then generate on held-out scenes and measure: DIR/index.html and "
         f"DIR/metrics.json. Stages: {', '.join(STAGES)}. An interrupted demo resumes where it stopped "
         "when the same command is run again.",
         formatter_class=Formatter,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--budget", default="default", choices=BUDGETS,
-                   help="default: the README's figures (recipes/demo.yaml); small: a few-minute run "
-                   "(adds recipes/demo_small.yaml)")
+                   help="default: the README's figures (recipes/demo/default.yaml); small: a few-minute run "
+                   "(adds recipes/demo/small.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines are still printed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="RunConfig overrides (full dotted keys)")
     p.set_defaults(func=_demo)

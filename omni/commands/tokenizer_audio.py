@@ -35,21 +35,24 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
+    from omni.config import help_text
+    from omni.config.eval import AudioEvalConfig
 
     p = sub.add_parser(
         "audio",
-        help="evaluate an audio tokenizer on held-out audio",
+        help="evaluate an audio tokenizer on held-out audio (= omni eval audio-tokenizer)",
         description="Encode and decode every clip of --data and write JSON: mel L1 (and that of an "
         "untrained decoder on the same codes), codebook usage, tokens per second of audio, envelope "
-        "correlation between input and decoded wave, and encode/decode real-time factors.",
+        "correlation between input and decoded wave, and encode/decode real-time factors. The same as "
+        "`omni eval audio-tokenizer`, with keys relative to its audio section.",
+        epilog=help_text(AudioEvalConfig),
         formatter_class=Formatter,
     )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="audio tokenizer folder or bundle")
     p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_SHARDS",
                    help="folders of audio files, audio files, or WebDataset .tar shards")
     p.add_argument("--out", metavar="FILE", help="write the JSON here as well as to stdout")
-    p.add_argument("--max-clips", type=int, default=200, metavar="N", help="evaluate at most N clips (default 200)")
-    p.add_argument("--threads", type=int, default=2, metavar="N", help="torch CPU threads (default 2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="AudioEvalConfig overrides, see below")
     p.set_defaults(func=_eval)
 
 
@@ -67,30 +70,9 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
+    from omni.cli import split_overrides
+    from omni.commands.eval import alias
 
-    import torch
-
-    from omni.errors import OmniError
-    from omni.io import atomic_write_text
-    from omni.tokenizers.audio_train import evaluate_audio_tokenizer
-    from omni.tokenizers.base import load_tokenizer
-
-    if args.max_clips < 1:
-        raise OmniError(f"--max-clips must be >= 1, got {args.max_clips}")
-    if args.threads < 1:
-        raise OmniError(f"--threads must be >= 1, got {args.threads}")
-    tok = load_tokenizer(args.tokenizer, "audio")
-    if not hasattr(tok, "decode_mel"):
-        raise OmniError(f"{args.tokenizer} holds a {tok.kind} tokenizer; `eval audio` measures whisper-vq-audio ones")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        report = evaluate_audio_tokenizer(tok, args.data, max_clips=args.max_clips)
-    finally:
-        torch.set_num_threads(threads)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
+    args.data, extra = split_overrides(args.data)  # nargs="+" swallows trailing key=value pairs
+    args.overrides = extra + list(args.overrides)
+    return alias("audio-tokenizer", "audio", args)

@@ -37,25 +37,30 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
+    from omni.config import help_text
+    from omni.config.eval import ImageEvalConfig
 
     p = sub.add_parser(
         "image",
-        help="evaluate an image tokenizer: PSNR, SSIM, codebook usage, speed",
+        help="evaluate an image tokenizer: PSNR, SSIM, codebook usage, speed (= omni eval image-tokenizer)",
         description="Encode and decode images with an image tokenizer and write JSON: PSNR (of the pooled "
         "MSE, and per-image mean), the same for a mean-color baseline, SSIM, codebook usage (share of "
-        "codes used on these images), code perplexity, and encode / decode images per second.",
+        "codes used on these images), code perplexity, and encode / decode images per second. "
+        "The same as `omni eval image-tokenizer`, with keys relative to its image section.",
+        epilog=help_text(ImageEvalConfig),
         formatter_class=Formatter,
     )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="image tokenizer folder or bundle")
     p.add_argument("--data", action="append", required=True, metavar="DIR_OR_SHARDS", help=DATA_HELP)
-    p.add_argument("--crops", type=int, default=16, metavar="N",
-                   help="native-resolution random crops per image (seeded); 0: each whole image, resized "
-                   "and center-cropped by the tokenizer's rule (default 16)")
-    p.add_argument("--max-images", type=int, default=2048, metavar="N", help="at most this many eval images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the crops")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N")
     p.add_argument("--out", metavar="FILE", help="also write the JSON here")
-    p.set_defaults(func=_eval)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="ImageEvalConfig overrides, see below")
+    p.set_defaults(func=lambda args: _alias("image-tokenizer", "image", args))
+
+
+def _alias(suite: str, section: str, args) -> int:
+    from omni.commands.eval import alias
+
+    return alias(suite, section, args)
 
 
 def load_image_recipe(recipe: str | None, overrides: list[str]):
@@ -69,38 +74,11 @@ def load_image_recipe(recipe: str | None, overrides: list[str]):
 
 
 def _train(args) -> int:
+    from omni.eval.tokenizers import ImageEvaluator
     from omni.tokenizers.image_train import train_image_tokenizer
 
     cfg = load_image_recipe(args.config, list(args.overrides))
-    train_image_tokenizer(args.data, args.out, cfg, eval_data=args.eval_data, resume=not args.no_resume,
-                          progress=not args.quiet)
+    train_image_tokenizer(args.data, args.out, cfg, ImageEvaluator(args.eval_data, cfg, train_data=args.data),
+                          resume=not args.no_resume, progress=not args.quiet)
     print(f"wrote {args.out}")
-    return 0
-
-
-def _eval(args) -> int:
-    import json
-
-    from omni.errors import OmniError
-    from omni.io import atomic_write_text
-    from omni.media import SkipReport
-    from omni.tokenizers.base import load_tokenizer
-    from omni.tokenizers.image_train import eval_images, evaluate
-
-    for name in ("crops", "batch_size", "max_images"):
-        v = getattr(args, name)
-        if v < (0 if name == "crops" else 1):
-            raise OmniError(f"--{name.replace('_', '-')} must be >= {0 if name == 'crops' else 1}, got {v}")
-    tok = load_tokenizer(args.tokenizer, "image")
-    report = SkipReport()
-    size = tok.image_size[0]
-    images = eval_images(args.data, size, args.crops, args.max_images, report, min_side=1, seed=args.seed,
-                         preprocess=tok.preprocess)
-    m = evaluate(tok, images, batch_size=args.batch_size)
-    m["data"] = report.to_json()
-    m["mode"] = f"{args.crops} native-resolution crops per image" if args.crops else "whole images, resize + center crop"
-    text = json.dumps(m, indent=1)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    print(text)
     return 0

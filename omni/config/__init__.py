@@ -19,7 +19,6 @@ from omni.config.base import (
     to_dict,
 )
 from omni.config.data import DataConfig, PreprocessConfig
-from omni.config.demo import DemoConfig
 from omni.config.generate import GenerateConfig, SamplingConfig
 from omni.config.model import ModelConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
@@ -46,8 +45,6 @@ class RunConfig:
     """Data parallelism of the plain-PyTorch backend."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Sampling and stopping of `omni generate`."""
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    """The toy world of `omni demo` (read by that command only)."""
 
 
 def load_section(section: str, recipe=None, overrides=(), cls=None):
@@ -88,7 +85,6 @@ def resolve_recipe(name_or_path: str):
 
 __all__ = [
     "DataConfig",
-    "DemoConfig",
     "GenerateConfig",
     "SamplingConfig",
     "LossWeights",

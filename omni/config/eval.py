@@ -1,0 +1,51 @@
+"""`omni eval`: the settings of the evaluation suites (``key=value`` on the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omni.config.base import check
+
+
+@dataclass
+class ImageEvalConfig:
+    """The image-tokenizer suite: PSNR, SSIM, codebook usage and speed on a fixed set of images."""
+
+    crops_per_image: int = 16
+    """Native-resolution random crops per image (seeded); 0: each whole image, resized and
+    center-cropped by the tokenizer's rule."""
+    max_images: int = 2048
+    """At most this many evaluation images (crops count one each)."""
+    seed: int = 0
+    """Seed of the crops."""
+    batch_size: int = 64
+    """Images encoded and decoded at once."""
+
+    def __post_init__(self) -> None:
+        check(self.crops_per_image >= 0, "crops_per_image", self.crops_per_image, ">= 0")
+        check(self.max_images >= 1, "max_images", self.max_images, ">= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class AudioEvalConfig:
+    """The audio-tokenizer suite: mel L1, codebook usage, envelope correlation, real-time factors."""
+
+    max_clips: int = 200
+    """Evaluate at most this many clips."""
+    threads: int = 2
+    """torch CPU threads while evaluating (the real-time factors depend on it)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_clips >= 1, "max_clips", self.max_clips, ">= 1")
+        check(1 <= self.threads <= 256, "threads", self.threads, "in [1, 256]")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
+
+    image: ImageEvalConfig = field(default_factory=ImageEvalConfig)
+    """The image-tokenizer suite."""
+    audio: AudioEvalConfig = field(default_factory=AudioEvalConfig)
+    """The audio-tokenizer suite."""
