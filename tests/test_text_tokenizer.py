@@ -61,11 +61,12 @@ def test_cli_trains_a_bundle_that_loads(tmp_path, corpus_file):
     import omni
 
     out = tmp_path / "tok"
-    rc, stdout, _ = run_cli("tokenizer", "train", "text", "--input", corpus_file, "--vocab-size", 600,
-                            "--out", out, "--quiet", "max_piece_length=8")
+    rc, stdout, _ = run_cli("tokenizer", "train", "text", "--input", corpus_file, "vocab_size=600",
+                            "--out", out, "--quiet", "max_piece_length=8", "n_reserved_specials=2")
     assert rc == 0, stdout
     tok = omni.UnifiedTokenizer.load(out)
     assert tok.vocab.text_size == 600 and tok.vocab.size % 128 == 0
+    assert tok.vocab.n_specials == 9 + 2  # the bundle's key, next to the text tokenizer's own
     assert tok.text.config.max_piece_length == 8  # the resolved config was saved and reloaded
     assert (out / "text" / "config.yaml").is_file()
     assert tok.decode(tok.encode("round trip")).text == "round trip"
@@ -78,7 +79,7 @@ def test_cli_accepts_globs_and_folders(tmp_path, corpus_file):
     d.mkdir(parents=True)
     shutil.copy(corpus_file, d / "a.txt")
     for inp in (str(tmp_path / "corpus" / "**" / "*.txt"), str(tmp_path / "corpus")):
-        rc, _, err = run_cli("tokenizer", "train", "text", "--input", inp, "--vocab-size", 400,
+        rc, _, err = run_cli("tokenizer", "train", "text", "--input", inp, "vocab_size=400",
                              "--out", tmp_path / "t", "--quiet")
         assert rc == 0, err
 
@@ -89,8 +90,8 @@ def test_cli_bad_corpus_and_vocab_size(tmp_path, corpus_file):
     cases = [
         (["--input", tmp_path / "missing.txt"], "no file matches input"),
         (["--input", empty], "the corpus is empty"),
-        (["--input", corpus_file, "--vocab-size", 200000], "Vocabulary size too high (200000)"),
-        (["--input", corpus_file, "--vocab-size", 10], "vocab_size=10 is invalid"),
+        (["--input", corpus_file, "vocab_size=200000"], "Vocabulary size too high (200000)"),
+        (["--input", corpus_file, "vocab_size=10"], "vocab_size=10 is invalid"),
         (["--input", corpus_file, "model_type=wordpiece"], "one of 'bpe', 'unigram'"),
         (["--input", corpus_file, "vocab_sise=300"], "Did you mean 'vocab_size'"),
         (["--input", corpus_file, "vocab_size=lots"], "config key 'tokenizer.text.vocab_size': Value 'lots'"),

@@ -163,6 +163,17 @@ def test_cli_bundle_encode_decode_and_refusal(tmp_path, text_tokenizer, image_do
     assert rc == 0, err
     rc, _, err = run_cli("tokenizer", "bundle", "--text", tmp_path / "full", "--out", tmp_path / "textonly")
     assert rc == 0, err  # a bundle works as --text: its text/ folder is taken
+    # one way to set a thing: the config key (tokenizer.n_reserved_specials), no flag of its own
+    rc, _, err = run_cli("tokenizer", "bundle", "--text", tmp_path / "full", "--out", tmp_path / "r4",
+                         "n_reserved_specials=4")
+    assert rc == 0, err
+    assert omni.UnifiedTokenizer.load(tmp_path / "r4").vocab.n_specials == 9 + 4
+    rc, _, err = run_cli("tokenizer", "bundle", "--text", tmp_path / "full", "--out", tmp_path / "bad",
+                         "n_reserved_specials=-1")
+    assert rc == 2 and "n_reserved_specials=-1 is invalid" in err
+    rc, _, err = run_cli("tokenizer", "bundle", "--text", tmp_path / "full", "--out", tmp_path / "bad",
+                         "--reserved-specials", "4")
+    assert rc == 2 and "unrecognized arguments" in err
 
     from PIL import Image as PILImage
 

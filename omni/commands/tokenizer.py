@@ -46,9 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--text", required=True, metavar="DIR", help="text tokenizer folder or bundle")
     b.add_argument("--image", metavar="DIR", help="image tokenizer folder or bundle")
     b.add_argument("--audio", metavar="DIR", help="audio tokenizer folder or bundle")
-    b.add_argument("--reserved-specials", type=int, default=16, metavar="N",
-                   help="reserved special ids after the named ones (default 16)")
     b.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    b.add_argument("--config", metavar="YAML", help="a recipe whose tokenizer section is read")
+    b.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="keys of the recipe's tokenizer section: n_reserved_specials=N (reserved special ids "
+                   "after the named ones, default 16)")
     b.set_defaults(func=_bundle)
 
     e = tsub.add_parser("encode", help="encode text (and image/audio files) to ids", formatter_class=Formatter)
@@ -68,15 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _bundle(args) -> int:
     from omni.bundle import UnifiedTokenizer
-    from omni.errors import OmniError
+    from omni.config import load_section
     from omni.tokenizers.base import load_tokenizer
 
-    if args.reserved_specials < 0:
-        raise OmniError(f"--reserved-specials must be >= 0, got {args.reserved_specials}")
+    n_reserved = load_section("tokenizer", args.config, list(args.overrides)).n_reserved_specials
     text = load_tokenizer(args.text, "text")
     image = load_tokenizer(args.image, "image") if args.image else None
     audio = load_tokenizer(args.audio, "audio") if args.audio else None
-    tok = UnifiedTokenizer.build(text, image, audio, n_reserved_specials=args.reserved_specials)
+    tok = UnifiedTokenizer.build(text, image, audio, n_reserved_specials=n_reserved)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok}")
     return 0

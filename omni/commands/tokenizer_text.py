@@ -15,15 +15,14 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         description="Train a SentencePiece BPE tokenizer (byte fallback, split digits, lossless) on "
         "the lines of text files, and write a text-only tokenizer bundle that "
         "omni.UnifiedTokenizer.load(DIR) loads.",
-        epilog=help_text(TextTokenizerConfig) + "\n(keys are relative to the recipe's tokenizer.text section)",
+        epilog=help_text(TextTokenizerConfig) + "\n  n_reserved_specials  reserved special ids of the bundle (the "
+        "recipe's tokenizer.n_reserved_specials, default 16)\n(keys are relative to the recipe's tokenizer.text "
+        "section)",
         formatter_class=Formatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="FILES_OR_GLOBS",
                    help="text files, folders or globs (quote globs; ** recurses)")
-    p.add_argument("--vocab-size", type=int, metavar="N", help="number of text pieces (config key vocab_size)")
     p.add_argument("--config", metavar="YAML", help="a recipe to start from (its tokenizer.text section is used)")
-    p.add_argument("--reserved-specials", type=int, default=16, metavar="N",
-                   help="reserved special ids in the bundle (default 16)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
@@ -34,18 +33,15 @@ def _train(args) -> int:
     from omni.bundle import UnifiedTokenizer
     from omni.cli import split_overrides
     from omni.config import load_section
-    from omni.errors import OmniError
     from omni.tokenizers.text import train_text_tokenizer
 
     inputs, extra = split_overrides(args.input)  # `--input a.txt vocab_size=9` also works
     overrides = list(args.overrides) + extra
-    if args.vocab_size is not None:
-        overrides.append(f"vocab_size={args.vocab_size}")
-    if args.reserved_specials < 0:
-        raise OmniError(f"--reserved-specials must be >= 0, got {args.reserved_specials}")
-    cfg = load_section("tokenizer.text", args.config, overrides)
+    layout = [o for o in overrides if o.split("=", 1)[0] == "n_reserved_specials"]  # the bundle's key
+    cfg = load_section("tokenizer.text", args.config, [o for o in overrides if o not in layout])
+    n_reserved = load_section("tokenizer", args.config, layout).n_reserved_specials
     text = train_text_tokenizer(inputs, cfg, progress=not args.quiet)
-    tok = UnifiedTokenizer.build(text, n_reserved_specials=args.reserved_specials)
+    tok = UnifiedTokenizer.build(text, n_reserved_specials=n_reserved)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok}")
     return 0
