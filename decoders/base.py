@@ -15,12 +15,11 @@ modality tokenizers are (:mod:`omni.tokenizers.base`): ``HEADS`` maps a kind to 
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import ClassVar
 
 import torch
 
-from omni.errors import OmniError
+from omni.registry import Registry
 
 
 class TaskHead(torch.nn.Module, abc.ABC):
@@ -52,31 +51,19 @@ class TaskHead(torch.nn.Module, abc.ABC):
 
 
 # kind -> TaskHead subclass or "module:Class". Built-in heads are imported only when first named.
-HEADS: dict[str, str | type[TaskHead]] = {}
+HEADS = Registry("task head kind", "registered kinds")
 
 
 def register_head(kind: str, cls_or_path: str | type[TaskHead]) -> None:
     """Make ``kind`` findable by :func:`head_class`; ``cls_or_path`` is a class or 'module:Class'."""
-    HEADS[kind] = cls_or_path
+    HEADS.register(kind, cls_or_path)
 
 
 def registered_heads() -> list[str]:
     """The registered kinds, sorted."""
-    return sorted(HEADS)
+    return HEADS.names()
 
 
 def head_class(kind: str) -> type[TaskHead]:
     """The head class registered as ``kind`` (importing it on first use)."""
-    if kind not in HEADS:
-        raise OmniError(
-            f"unknown task head kind {kind!r}; registered kinds: {', '.join(registered_heads()) or 'none registered yet'}"
-        )
-    entry = HEADS[kind]
-    if isinstance(entry, str):
-        module, _, name = entry.partition(":")
-        try:
-            entry = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise OmniError(f"task head kind {kind!r} points at {HEADS[kind]!r}, which cannot be imported: {e}") from None
-        HEADS[kind] = entry
-    return entry
+    return HEADS.load(kind)

@@ -18,30 +18,23 @@ but the CLI imports it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
-from omni.errors import OmniError
+from omni.registry import Registry
 
-SUITES: dict[str, str | Callable] = {
+SUITES = Registry("evaluation suite", "suites", {
     "image-tokenizer": "omni.eval.tokenizers:image_suite",
     "audio-tokenizer": "omni.eval.tokenizers:audio_suite",
     "demo": "omni.eval.demo:demo_suite",
-}
+})
 """Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
 
 
 def register_suite(name: str, fn: str | Callable) -> None:
     """Make ``omni eval NAME`` run ``fn`` (a function or 'module:function')."""
-    SUITES[name] = fn
+    SUITES.register(name, fn)
 
 
 def suite(name: str) -> Callable:
     """The function of suite ``name``; an unknown name is an OmniError listing the suites."""
-    if name not in SUITES:
-        raise OmniError(f"unknown evaluation suite {name!r}; suites: {', '.join(sorted(SUITES))}")
-    fn = SUITES[name]
-    if isinstance(fn, str):
-        module, _, attr = fn.partition(":")
-        fn = SUITES[name] = getattr(importlib.import_module(module), attr)
-    return fn
+    return SUITES.load(name)

@@ -2,7 +2,7 @@
 
 Everything that turns bytes on disk into pixels, waves or text goes through here: ``omni data
 preprocess`` (:mod:`omni.data.samples`), the image and audio tokenizer trainers, the CLI's
-``@image:FILE`` prompts. A leaf module: it imports only :mod:`omni.errors` and :mod:`omni.io`, so
+``@image:FILE`` prompts. A leaf module: it imports only :mod:`omni.errors` and :mod:`omni.registry`, so
 the tokenizer trainers may use it without knowing the vocabulary or the data pipeline.
 
 * :func:`read_image` -> uint8 [H,W,3] RGB (transparency composited onto white, Chameleon's rule);
@@ -17,7 +17,6 @@ the tokenizer trainers may use it without knowing the vocabulary or the data pip
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 from collections import Counter
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from omni.errors import OmniError
+from omni.registry import Registry
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 """Image members and files, read with PIL."""
@@ -221,7 +221,7 @@ def iter_samples(path: str | os.PathLike, report: SkipReport) -> Iterator[dict]:
 # --------------------------------------------------------------------------------------------
 # Media files for the tokenizer trainers: folders, files, shards, named sources
 # --------------------------------------------------------------------------------------------
-SOURCES: dict[str, str | Callable] = {"photos": "omni.toy.photos:source"}
+SOURCES = Registry("data source", "sources", {"photos": "omni.toy.photos:source"})
 """Named data sources (``NAME:ARG`` in ``--data``): name -> a function ``fn(arg)`` that checks ``arg``
 (an OmniError naming the valid ones) and returns an iterator of ``(name, item)`` (item: encoded bytes or
 a decoded uint8 [H,W,3] image), or its 'module:function' path, imported on first use (as the
@@ -230,16 +230,12 @@ tokenizer registry does)."""
 
 def register_source(name: str, fn: str | Callable) -> None:
     """Make ``NAME:ARG`` a data source; ``fn(arg)`` returns an iterator of ``(name, item)`` pairs."""
-    SOURCES[name] = fn
+    SOURCES.register(name, fn)
 
 
 def _source(spec: str) -> Iterator[tuple[str, object]]:
     name, _, arg = spec.partition(":")
-    fn = SOURCES[name]
-    if isinstance(fn, str):
-        module, _, attr = fn.partition(":")
-        fn = SOURCES[name] = getattr(importlib.import_module(module), attr)
-    return fn(arg)
+    return SOURCES.load(name)(arg)
 
 
 def _is_source(item: str) -> bool:

@@ -28,9 +28,12 @@ class TinyHead(TaskHead):
 
 
 @pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
+def clean_registry():
     """Every test starts from and leaves behind the registry as it was."""
-    monkeypatch.setattr(base, "HEADS", dict(base.HEADS))
+    saved = dict(base.HEADS)
+    yield
+    base.HEADS.clear()
+    base.HEADS.update(saved)
 
 
 def test_register_by_class_and_look_up():

@@ -25,20 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omni import run
 from omni.config.audio_tokenizer import AudioTokenizerRecipe
 from omni.errors import OmniError
 from omni.media import AUDIO_EXTS, BadSample, SkipReport, expand_sources, iter_media, read_audio
-from omni.run import (
-    RUN_CONFIG,
-    MetricsLog,
-    find_resume,
-    lr_at,
-    prune,
-    read_checkpoint,
-    save_run_config,
-    set_rng_state,
-    write_checkpoint,
-)
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQAudioTokenizer
 
 SILENCE = 1e-4
@@ -128,7 +118,7 @@ class _Windows:
 
 def _lr(step: int, cfg) -> float:
     """The run convention's schedule: warmup, then cosine decay to lr/10."""
-    return lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
+    return run.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
 def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out: str | os.PathLike | None = None,
@@ -152,9 +142,9 @@ def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out:
 def _save(out: Path, tok: WhisperVQAudioTokenizer, recipe: AudioTokenizerRecipe, step: int, opt, windows) -> None:
     from omni.tokenizers.base import save_tokenizer
 
-    write_checkpoint(out, step, lambda d: save_tokenizer(tok, d), optimizers={"opt": opt.state_dict()},
+    run.write_checkpoint(out, step, lambda d: save_tokenizer(tok, d), optimizers={"opt": opt.state_dict()},
                      trainer_state={"windows_rng": windows.gen.get_state().tolist()}, config=recipe)
-    prune(out, 1)  # the newest intact checkpoint is all a resume needs
+    run.prune(out, 1)  # the newest intact checkpoint is all a resume needs
 
 
 def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
@@ -167,11 +157,11 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     clips, stats = load_clips(data, tcfg.max_clips)
     if progress:
         print(f"audio data: {describe(clips, stats)}")
-    found = find_resume(out, "auto" if resume else "none") if out is not None else None
+    found = run.find_resume(out, "auto" if resume else "none") if out is not None else None
     if found is not None:
         from omni.config import load_config, to_dict
 
-        saved = load_config(AudioTokenizerRecipe, found / RUN_CONFIG)
+        saved = load_config(AudioTokenizerRecipe, found / run.RUN_CONFIG)
         if to_dict(saved.tokenizer) != to_dict(recipe.tokenizer):
             raise OmniError(f"{out} holds a run of another tokenizer config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
@@ -186,15 +176,15 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
     start = 0
     if found is not None:
-        state, optimizers, rng = read_checkpoint(found)
+        state, optimizers, rng = run.read_checkpoint(found)
         opt.load_state_dict(optimizers["opt"])
         windows.gen.set_state(torch.tensor(state["windows_rng"], dtype=torch.uint8))
-        set_rng_state(state["rng"], rng)  # the quantizer's k-means and code restarts draw from torch's RNG
+        run.set_rng_state(state["rng"], rng)  # the quantizer's k-means and code restarts draw from torch's RNG
         start = int(state["step"])
         print(f"resuming {out} at step {start}")
     if out is not None:
-        save_run_config(recipe, out)
-    metrics = MetricsLog(out, resume_step=start, enabled=out is not None) if out is not None else None
+        run.save_run_config(recipe, out)
+    metrics = run.MetricsLog(out, resume_step=start, enabled=out is not None) if out is not None else None
 
     bar = None
     if progress:

@@ -15,13 +15,13 @@ Audio tokenizers take one mono clip: ``encode(wave [T], sample_rate) -> codes [T
 from __future__ import annotations
 
 import abc
-import importlib
 import os
 from pathlib import Path
 from typing import ClassVar
 
 from omni.errors import OmniError
 from omni.io import sha256_bytes, sha256_file
+from omni.registry import Registry
 
 
 def fingerprint_dir(path: str | os.PathLike) -> str:
@@ -150,17 +150,17 @@ class AudioTokenizer(ModalityTokenizer):
 
 
 # kind -> "module:Class". Built-in tokenizers are imported only when a bundle names them.
-_REGISTRY: dict[str, str | type[ModalityTokenizer]] = {
+_REGISTRY = Registry("modality tokenizer kind", "registered kinds", {
     "sentencepiece": "omni.tokenizers.text:TextTokenizer",
     "whisper-vq-audio": "omni.tokenizers.audio:WhisperVQAudioTokenizer",
     "hf-tokenizers": "omni.tokenizers.text_hf:HFTextTokenizer",
     "vq-image": "omni.tokenizers.image:VQImageTokenizer",
-}
+})
 
 
 def register(kind: str, cls_or_path: str | type[ModalityTokenizer]) -> None:
     """Make ``kind`` loadable from a bundle; ``cls_or_path`` is a class or 'module:Class'."""
-    _REGISTRY[kind] = cls_or_path
+    _REGISTRY.register(kind, cls_or_path)
 
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -212,17 +212,8 @@ def plugin_modules() -> list[str]:
 
 
 def registered_kinds() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def tokenizer_class(kind: str) -> type[ModalityTokenizer]:
-    if kind not in _REGISTRY:
-        raise OmniError(
-            f"unknown modality tokenizer kind {kind!r}; registered kinds: {', '.join(registered_kinds()) or 'none'}"
-        )
-    entry = _REGISTRY[kind]
-    if isinstance(entry, str):  # built-in: imported on first use
-        module, _, name = entry.partition(":")
-        entry = getattr(importlib.import_module(module), name)
-        _REGISTRY[kind] = entry
-    return entry
+    return _REGISTRY.load(kind)

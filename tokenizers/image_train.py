@@ -40,20 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni import run
 from omni.config.image_tokenizer import ImageTrainConfig
 from omni.errors import OmniError
 from omni.media import BadSample, SkipReport, expand_sources, iter_media, read_image
-from omni.run import (
-    RUN_CONFIG,
-    MetricsLog,
-    find_resume,
-    lr_at,
-    prune,
-    read_checkpoint,
-    save_run_config,
-    set_rng_state,
-    write_checkpoint,
-)
 from omni.tokenizers.image import VQImageTokenizer
 
 EVAL_FILE = "eval.json"
@@ -271,8 +261,8 @@ def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, ste
                                                     for k, v in disc.state_dict().items()}))
 
     optimizers = {"opt": opt.state_dict(), **({"dopt": dopt.state_dict()} if dopt is not None else {})}
-    path = write_checkpoint(out, step, fill, optimizers=optimizers, config=cfg)
-    prune(out, 1)  # the newest intact checkpoint is all a resume needs; the final tokenizer is OUT itself
+    path = run.write_checkpoint(out, step, fill, optimizers=optimizers, config=cfg)
+    run.prune(out, 1)  # the newest intact checkpoint is all a resume needs; the final tokenizer is OUT itself
     return path
 
 
@@ -281,7 +271,7 @@ def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, ste
 # ------------------------------------------------------------------------------------------
 def _lr(step: int, cfg: ImageTrainConfig) -> float:
     """The run convention's schedule: warmup, then cosine decay to lr/10."""
-    return lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
+    return run.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
 def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig,
@@ -314,16 +304,16 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
 
     tok = VQImageTokenizer(cfg.model)
     start = 0
-    found = find_resume(out, "auto" if resume else "none")
+    found = run.find_resume(out, "auto" if resume else "none")
     resuming = found is not None
     if resuming:
-        saved = load_config(ImageTrainConfig, found / RUN_CONFIG)
+        saved = load_config(ImageTrainConfig, found / run.RUN_CONFIG)
         if to_dict(saved.model) != to_dict(cfg.model):
             raise OmniError(f"{out} holds a run of another model config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
         tok = VQImageTokenizer.load(found)
     tok.train()
-    save_run_config(cfg, out)
+    run.save_run_config(cfg, out)
 
     disc = dopt = perceptual = None
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -333,7 +323,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
     if cfg.perceptual_weight > 0:
         perceptual = PerceptualLoss(cfg.perceptual_weights)
     if resuming:
-        state, optimizers, rng = read_checkpoint(found)
+        state, optimizers, rng = run.read_checkpoint(found)
         opt.load_state_dict(optimizers["opt"])
         if disc is not None and "dopt" in optimizers:
             disc.load_state_dict(load_file(found / DISC_FILE))
@@ -346,7 +336,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
     log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
     log(f"model: {tok}")
 
-    metrics = MetricsLog(out, resume_step=start)
+    metrics = run.MetricsLog(out, resume_step=start)
     write_log = metrics.write
     write_log({"event": "data", "train": report.to_json()})
 
@@ -358,7 +348,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
             tok.quantize_latent(tok.encoder(tok._to_model(x0)))
 
     if resuming:  # continue the random streams of the run (the quantizer's code restarts draw from torch's)
-        set_rng_state(state["rng"], rng)
+        run.set_rng_state(state["rng"], rng)
     recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not progress, desc="image tokenizer",
