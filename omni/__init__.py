@@ -1,6 +1,10 @@
 """omni: training and inference for early-fusion any-to-any multimodal models.
 
-``import omni`` is cheap: torch and every heavy module load on first use of a name below.
+The public facade (``_LAZY`` below): documents, the unified tokenizer, ``omni.load``, ``omni.generate``,
+the decoder, configs and errors. ``import omni`` is cheap: torch and every heavy module load on first
+use of a name. Beside the subpackages, ``omni/`` holds the leaves (errors, io, registry, media, run)
+and the core (document, vocab, bundle, model, checkpoint, chameleon); this facade may name any module
+and is left out of the layer check (tests/test_layers.py, docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -16,6 +16,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/doubles.py
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: without it they are skipped with the reason printed (``-ra``), the only
+    skip the suite allows."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: no GPU on this machine (the gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_TEXT_VOCAB = 512
 """Text pieces of the tiny tokenizer every test shares."""
 

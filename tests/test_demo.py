@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.dist]  # the small demo runs as a real process, killed once
 
 
 def _demo(out: Path, *extra: str, **kw) -> subprocess.Popen:

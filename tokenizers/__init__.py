@@ -1,4 +1,10 @@
-"""Modality tokenizers (installed as ``omni.tokenizers``): text, image, audio, and their trainers."""
+"""Modality tokenizers (installed as ``omni.tokenizers``): text, image, audio, and their trainers.
+
+``base`` (the interface every tokenizer implements, the registry of kinds), ``text`` (SentencePiece
+BPE), ``text_hf`` (Hugging Face tokenizer.json), ``image`` + ``image_train`` (VQ), ``audio`` +
+``audio_train`` (whisper-VQ). May import the leaves, config and ``omni.run``; never the vocabulary,
+bundle, documents, data, toy, generation, train or eval (tests/test_layers.py).
+"""
 
 if __name__ == "tokenizers":  # pragma: no cover - only when run from the repository root
     # With the repository root as the working directory (``python -c``, ``python -m pytest``),

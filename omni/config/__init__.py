@@ -1,7 +1,9 @@
 """Configuration: one dataclass per component, nested into :class:`RunConfig`.
 
 YAML recipes under ``recipes/`` map 1:1 onto these dataclasses; CLI overrides are dotted
-``key=value``. See :mod:`omni.config.base` for loading, validation and saving.
+``key=value``. See :mod:`omni.config.base` for loading, validation and saving. Not in RunConfig:
+:class:`omni.config.eval.EvalConfig` (``omni eval``) and the demo's ``DemoRunConfig`` (``omni.eval.demo``).
+May import only :mod:`omni.errors` and :mod:`omni.io` (tests/test_layers.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Data: raw WebDataset shards -> packed token datasets (preprocess), and the training stream (packing)."""
+"""Data: raw WebDataset shards -> packed token datasets (preprocess), and the training stream (packing).
+
+:mod:`~omni.data.samples` (a raw sample -> Document), :mod:`~omni.data.preprocess` (shards -> Megatron
+indexed datasets + manifest), :mod:`~omni.data.packing` (TokenDataset, DocumentPacker, BlendedSequences).
+May import the leaves (errors, io, media), config, the core (document, vocab, bundle) and
+``omni.tokenizers``; never train, generation, eval or the command line.
+"""
 
 from __future__ import annotations
 

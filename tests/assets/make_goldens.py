@@ -72,7 +72,7 @@ def tiny_logits() -> dict:
 def text_losses(tmpdir: str | Path) -> list[float]:
     """The losses of the first TRAIN_STEPS steps of the tiny model on real text (the pydoc topics).
 
-    Built as the ``text_run`` fixture and ``_recipe`` of tests/test_train.py build theirs: a 512-piece
+    Built as the ``text_run`` fixture and ``_recipe`` of tests/train/test_train.py build theirs: a 512-piece
     SentencePiece tokenizer, 60 topics of at most 1200 characters through WebDataset shards and
     ``preprocess``, seq_len 64, micro-batches of 4. Everything is written under ``tmpdir``.
     """

@@ -20,7 +20,7 @@ from omni.config import RunConfig, load_config
 from omni.errors import OmniError
 from omni.run import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,7 @@ def test_overfits_real_text(tmp_path, text_run):
     assert losses[-1][1] < 1.0, losses[-3:]
 
 
+@pytest.mark.dist
 def test_sigterm_then_resume_equals_one_run_bit_for_bit(tmp_path, text_run):
     straight = _recipe(text_run, tmp_path / "straight", steps=12, save_every=3)
     p = _omni("train", str(straight), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -131,6 +132,7 @@ def test_sigterm_then_resume_equals_one_run_bit_for_bit(tmp_path, text_run):
     assert len(list(out_dir.glob("step_*"))) == 3  # keep_last
 
 
+@pytest.mark.dist
 def test_sigkill_resumes_from_last_intact_checkpoint(tmp_path, text_run):
     from omni.train.loop import train
 
@@ -193,6 +195,7 @@ def test_bf16_and_activation_checkpointing(tmp_path, text_run):
     assert all(abs(a[1] - b[1]) < 0.1 for a, b in zip(_losses(tmp_path / "base"), _losses(tmp_path / "bf16")))
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tmp_path, text_run, strategy):

@@ -99,6 +99,7 @@ def bundle_dir(tmp_path_factory, tokenizer):
     return d
 
 
+@pytest.mark.dist
 def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, tokenizer, bundle_dir, real_samples):
     from omni.data.packing import BlendedSequences, DocumentPacker, TokenDataset, unpack
     from omni.data.preprocess import encode_sample, preprocess
@@ -236,6 +237,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.dist
 def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, real_samples):
     _write_shards(real_samples * 3, tmp_path / "raw", per_shard=3)  # 22 shards
     code = "import sys; from omni.cli import main; sys.exit(main(sys.argv[1:]))"

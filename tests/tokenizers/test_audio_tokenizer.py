@@ -290,6 +290,7 @@ def test_config_rejects_bad_values():
         AudioTokenizerConfig(n_mels=64)
 
 
+@pytest.mark.dist
 def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(speech_dir, tmp_path):
     """SIGKILL after a checkpoint, the same command again: the run convention of omni.run (newest intact
     step_XXXXXX, optimizer + window-sampler + global RNG states) gives bit-identical weights."""
@@ -302,7 +303,7 @@ def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(speech_d
 
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     args = [*MICRO[:-2], "train.steps=400", "train.batch_size=2", "train.num_threads=1", "train.save_every=20",
             "train.log_every=1"]
 
