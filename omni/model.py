@@ -7,7 +7,8 @@ re-ordering ("swin norm", Liu et al. 2022, https://arxiv.org/abs/2111.09883) and
 is LLaMA's (Touvron et al. 2023): pre-norm RMSNorm (Zhang & Sennrich 2019), SwiGLU (Shazeer 2020),
 RoPE (Su et al. 2021), grouped-query attention (Ainslie et al. 2023), no biases.
 
-Weight names are plain and are the contract with the megatron-core build and the converters
+Weight names are plain and are the contract with the converters (Chameleon's today; the
+megatron-core backend's, planned in parallel/)
 (shapes with D=dim, H=n_heads, K=n_kv_heads, d=head_dim, F=ffn_dim, V=vocab_size)::
 
     tok_embeddings.weight                  [V, D]
@@ -28,7 +29,7 @@ Weight names are plain and are the contract with the megatron-core build and the
 RoPE rotates the two halves of each head (``rotate_half``, as Hugging Face's Chameleon/LLaMA and
 megatron-core's default), so Hugging Face weights are used as they are. Megatron-core's
 ``qk_layernorm`` is the ``shared`` QK-norm; megatron's ``linear_qkv`` and ``linear_fc1`` are
-concatenations of wq/wk/wv and w1/w3 (the converter in parallel/ does that).
+concatenations of wq/wk/wv and w1/w3 (what the planned converter in parallel/ will do).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one training-run convention of every trainer: the decoder's and the text, image and audio tokenizers'.
+"""The one training-run convention of every trainer that takes steps: the decoder's and the image and
+audio tokenizers' (the text tokenizer is one SentencePiece call, with its resolved config saved beside it).
 
 A run writes into one folder ``OUT``:
 

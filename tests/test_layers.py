@@ -2,15 +2,17 @@
 
 From the bottom up; a layer may import the layers below it, never the ones above:
 
-    omni.errors, omni.io, omni.media      leaves: exceptions, atomic files, media helpers
-    omni.config                           dataclass configs; knows only the leaves
+    omni.errors, omni.io, omni.registry,  leaves: exceptions, atomic files, registries, reading media
+    omni.media
+    omni.config                           dataclass configs; knows only errors and io
+    omni.run                              the training-run convention (schedule, state, checkpoints)
     omni.tokenizers                       modality tokenizers (text, image, audio)
     omni.document, omni.vocab,            core: document types, the unified vocabulary and
-    omni.bundle, omni.model,              tokenizer bundle, the decoder, checkpoints
-    omni.checkpoint
+    omni.bundle, omni.model,              tokenizer bundle, the decoder, checkpoints, the
+    omni.checkpoint, omni.chameleon       Chameleon import
     omni.data                             raw shards -> packed token datasets, the training stream
     omni.parallel                         process groups, distributed helpers
-    omni.decoders                         token -> pixels / waveform decoders
+    omni.decoders                         task heads behind routing tokens (<det>, <gen>)
     omni.train                            the training loop
     omni.generation                       sampling, Jacobi decoding, pages
     omni.eval                             evaluation

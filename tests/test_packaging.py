@@ -62,10 +62,11 @@ def test_non_editable_install_has_every_module_and_recipe(tmp_path):
     code = (
         "import omni, omni.tokenizers.text, omni.tokenizers.base, omni.decoders, omni.parallel, omni.eval\n"
         "from omni.config import recipes_dir, load_config, RunConfig\n"
+        "from omni.eval.demo import DemoRunConfig\n"
         "from pathlib import Path\n"
         "root = Path(str(recipes_dir()))\n"
         "recipes = sorted(p.relative_to(root).as_posix() for p in root.rglob('*.yaml'))\n"
-        "[load_config(RunConfig, root / r) for r in recipes]\n"
+        "[load_config(DemoRunConfig if r.startswith('demo/') else RunConfig, root / r) for r in recipes]\n"
         "print(omni.__file__); print(omni.tokenizers.text.__file__); print(' '.join(recipes))"
     )
     r = _run(code, cwd=tmp_path, env={"PYTHONPATH": str(target)})

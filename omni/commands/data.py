@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokenize WebDataset shards into Megatron indexed token datasets + a manifest",
         description="Tokenize every sample of the input shards with a tokenizer bundle. Output: "
         "DIR/shards/*.bin/.idx (megatron-core IndexedDataset), DIR/manifest.json (documents and "
-        "tokens per modality, skipped samples by reason). Shard i belongs to rank i %% world; a "
+        "tokens per modality, skipped samples by reason). Shard i belongs to rank i % world; a "
         "rerun skips finished shards. The input format is in docs/data.md.",
         epilog=help_text(PreprocessConfig) + "\n(keys are relative to the recipe's data.preprocess section)",
         formatter_class=Formatter,

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: the README's figures (recipes/demo/default.yaml); small: a few-minute run "
                    "(adds recipes/demo/small.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (stage lines are still printed)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="RunConfig overrides (full dotted keys)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="DemoRunConfig overrides (full dotted keys: a RunConfig's and demo.*)")
     p.set_defaults(func=_demo)
 
 

@@ -12,7 +12,7 @@ QK_NORM_TYPES = ("layernorm", "rmsnorm")
 
 @dataclass
 class ModelConfig:
-    """OmniDecoder shape and options; the same fields drive the megatron-core build."""
+    """OmniDecoder shape and options (the planned megatron-core backend is to read the same fields)."""
 
     vocab_size: int = 640
     """Rows of the embedding and output head: the unified vocab size, padding included."""

@@ -4,7 +4,7 @@ One process, or many under torchrun (DDP or FSDP2; gloo on CPU, NCCL on GPU). Pe
 ``grad_accum`` micro-batches from the blended stream, the loss normalized by the *global* number
 of scored tokens (so 2 processes with half the micro-batch compute exactly the loss and the
 gradient of 1 process with the whole batch), gradient clipping, AdamW, the learning rate of
-:func:`omni.train.schedule.lr_at`.
+:func:`omni.run.lr_at`.
 
 A non-finite loss or gradient skips the optimizer step (counted and logged); ``max_bad_steps``
 in a row abort the run. SIGTERM and SIGUSR1 (preemption) finish the current step, save a
