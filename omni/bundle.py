@@ -154,16 +154,12 @@ class UnifiedTokenizer:
                 pixels = tok.preprocess(seg.pixels)[None]  # [1,3,H,W]
                 with torch.no_grad():
                     codes = tok.encode(pixels)[0].reshape(-1)  # [h*w], row-major
-                ids.append(v.special("<boi>"))
-                ids.extend(v.image_code_to_id(codes.long()).tolist())
-                ids.append(v.special("<eoi>"))
+                ids.extend(v.block("image", codes))
             elif isinstance(seg, Audio):
                 tok = self._need("audio")
                 with torch.no_grad():
                     codes = tok.encode(seg.wave, seg.sample_rate).reshape(-1)
-                ids.append(v.special("<boa>"))
-                ids.extend(v.audio_code_to_id(codes.long()).tolist())
-                ids.append(v.special("<eoa>"))
+                ids.extend(v.block("audio", codes))
             else:
                 raise OmniError(f"unknown segment type {type(seg).__name__}; expected Text, Image or Audio")
         if eos:

@@ -202,11 +202,20 @@ class UnifiedVocab:
     @property
     def openers(self) -> dict[int, str]:
         """Opener id -> block kind."""
-        return {self.specials[o]: kind for kind, (o, _, _) in BLOCKS.items()}
+        return {self.opener(kind): kind for kind in BLOCKS}
+
+    def opener(self, kind: str) -> int:
+        """The id that opens a ``kind`` block ('image' or 'audio')."""
+        return self.specials[BLOCKS[kind][0]]
 
     def closer(self, kind: str) -> int:
         """The id that closes a ``kind`` block."""
         return self.specials[BLOCKS[kind][1]]
+
+    def block(self, kind: str, codes) -> list[int]:
+        """The ids of a ``kind`` block holding ``codes`` (long, any shape, row-major): opener, code ids, closer."""
+        to_id = self.image_code_to_id if kind == "image" else self.audio_code_to_id
+        return [self.opener(kind), *to_id(codes.reshape(-1).long()).tolist(), self.closer(kind)]
 
     def scan(self, ids: Sequence[int]) -> Iterator[Piece]:
         """Read ``ids`` into :class:`Piece` s, in order: text runs, blocks, specials, invalid ids.
@@ -258,39 +267,20 @@ class UnifiedVocab:
         """The image and audio blocks of ``ids`` (closed or not), in order."""
         return [p for p in self.scan(ids) if p.kind in BLOCKS]
 
-    def _markers(self):
-        import numpy as np
-
-        opens = np.array([self.specials[o] for o, _, _ in BLOCKS.values()])
-        closes = np.array([self.specials[c] for _, c, _ in BLOCKS.values()])
-        return opens, closes
-
     def split_points(self, ids):
-        """bool [T+1] for ids int [T]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves
-        every block whole (vectorized: the block depth after each id)."""
+        """bool [T+1] for ids [T]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves every
+        block whole. A block that is never closed stays open to the end: no cut after its opener."""
         import numpy as np
 
-        opens, closes = self._markers()
-        ids = np.asarray(ids)
-        depth = np.cumsum(np.isin(ids, opens).astype(np.int64) - np.isin(ids, closes).astype(np.int64))
         ok = np.ones(len(ids) + 1, bool)
-        ok[1:] = depth <= 0  # depth[k-1] > 0: a block opened at or before k-1 is still open after it
+        for b in self.blocks(ids):
+            ok[b.start + 1:b.end if b.closed else None] = False
         return ok
 
     def longest_block(self, ids) -> int:
-        """Length of the longest image/audio block of ``ids`` (opener and closer included): the
+        """Length of the longest closed image/audio block of ``ids`` (opener and closer included): the
         shortest sequence that can hold it, since packing never splits a block."""
-        import numpy as np
-
-        opens, closes = self._markers()
-        ids = np.asarray(ids)
-        starts, ends = np.flatnonzero(np.isin(ids, opens)), np.flatnonzero(np.isin(ids, closes))
-        best = 0
-        for s in starts:
-            after = ends[ends > s]
-            if len(after):
-                best = max(best, int(after[0] - s + 1))
-        return best
+        return max((b.end - b.start for b in self.blocks(ids) if b.closed), default=0)
 
     @staticmethod
     def position_ids(length: int, start: int = 0):

@@ -27,6 +27,31 @@ def test_default_layout_is_text_specials_image_audio_padded():
     assert v.id_to_code(torch.tensor([1025, 9217, 5])).tolist() == [0, 0, -1]
 
 
+def test_block_grammar_reads_and_writes_blocks():
+    """The one grammar (UnifiedVocab.scan/blocks/split_points/longest_block/block) that decoding,
+    packing, preprocessing and generation call: every kind of piece, and the three views agree."""
+    v = UnifiedVocab.default(text_size=10, image_codes=4, audio_codes=4, n_reserved_specials=0, image_grid=(2, 1))
+    sp = v.specials
+    img, aud = v.block("image", torch.tensor([[3], [1]])), v.block("audio", torch.tensor([0, 2, 2]))
+    assert img == [sp["<boi>"], v.image_offset + 3, v.image_offset + 1, sp["<eoi>"]]
+    ids = [1, 2, *img, 5, sp["<bos>"], *aud, v.image_offset, sp["<eoa>"], v.size + 5, v.size - 1, sp["<boa>"], 4]
+    pieces = list(v.scan(ids))
+    assert [(p.kind, p.start, p.stop, p.closed) for p in pieces] == [
+        ("text", 0, 2, False), ("image", 2, 5, True), ("text", 6, 7, False), ("special", 7, 8, False),
+        ("audio", 8, 12, True), ("invalid", 13, 14, False), ("invalid", 14, 15, False), ("invalid", 15, 16, False),
+        ("invalid", 16, 17, False), ("audio", 17, 18, False), ("text", 18, 19, False)]
+    problems = [p.problem for p in pieces if p.kind == "invalid"]
+    assert "image code id" in problems[0] and "<eoa> at position 14 closes no block" in problems[1]
+    assert "out of range" in problems[2] and "padding id" in problems[3]
+    blocks = v.blocks(ids)
+    assert [(b.kind, b.start, b.end) for b in blocks] == [("image", 2, 6), ("audio", 8, 13), ("audio", 17, 18)]
+    ok = v.split_points(np.array(ids))
+    inside = {k for b in blocks for k in range(b.start + 1, b.end)}  # cuts that would split a block
+    assert [k for k in range(len(ids) + 1) if not ok[k]] == sorted(inside | set(range(18, len(ids) + 1)))
+    assert v.longest_block(np.array(ids)) == len(aud) == 5
+    assert v.position_ids(3, start=2).tolist() == [2, 3, 4]
+
+
 def test_layout_is_data_explicit_code_table_inside_text_range():
     """Chameleon keeps its image codes as a permutation inside its BPE vocabulary."""
     specials = {n: 90 + i for i, n in enumerate(omni.vocab.NAMED_SPECIALS)}

@@ -53,7 +53,7 @@ class DecodeState:
         self.rows = [RowState(remaining=max_new_tokens) for _ in range(batch)]
         sp = vocab.specials
         self.opens = vocab.openers  # the block grammar: opener id -> block kind ('image'/'audio' = the mode)
-        self.boi, self.boa = sp["<boi>"], sp["<boa>"]
+        self.boi, self.boa = vocab.opener(IMAGE_MODE), vocab.opener(AUDIO_MODE)
         self.eoi, self.eoa = vocab.closer(IMAGE_MODE), vocab.closer(AUDIO_MODE)
         self.eos, self.pad = sp["<eos>"], sp["<pad>"]
 
