@@ -52,8 +52,9 @@ REASONS = {
 """Why a sample or file is skipped (docs/data.md's table)."""
 
 
-class BadSample(Exception):
-    """A sample (or file) that cannot be used; ``reason`` is one of :data:`REASONS`."""
+class BadSample(OmniError):
+    """A sample (or file) that cannot be used; ``reason`` is one of :data:`REASONS` (readers skip and
+    count it; anywhere else it is the user's bad input, exit code 2)."""
 
     def __init__(self, reason: str, detail: str = ""):
         assert reason in REASONS, reason

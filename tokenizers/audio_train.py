@@ -184,7 +184,7 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
         print(f"resuming {out} at step {start}")
     if out is not None:
         run.save_run_config(recipe, out)
-    metrics = run.MetricsLog(out, resume_step=start, enabled=out is not None) if out is not None else None
+    metrics = run.MetricsLog(out, resume_step=start, tensorboard=tcfg.tensorboard) if out is not None else None
 
     bar = None
     if progress:

@@ -336,7 +336,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
     log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
     log(f"model: {tok}")
 
-    metrics = run.MetricsLog(out, resume_step=start)
+    metrics = run.MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
     write_log = metrics.write
     write_log({"event": "data", "train": report.to_json()})
 

@@ -84,39 +84,36 @@ def _bundle(args) -> int:
 
 
 def read_image_file(path: str):
-    """An image file -> omni.Image (grayscale, RGBA and palette converted to RGB)."""
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
-
+    """An image file -> omni.Image, read by omni.media.read_image (RGB; transparency onto white)."""
     from omni.document import Image
     from omni.errors import OmniError
+    from omni.media import BadSample, read_image
 
-    p = Path(path)
-    if not p.is_file():
-        raise OmniError(f"image file not found: {p}")
     try:
-        with PILImage.open(p) as im:
-            im.load()
-            return Image(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise OmniError(f"cannot read image {p}: {e}") from None
+        return Image(read_image(_file_bytes(path, "image"), min_side=1))
+    except BadSample as e:
+        raise OmniError(f"cannot read image {path}: {e.detail}") from None
 
 
 def read_audio_file(path: str):
-    """A wav/flac/ogg file -> omni.Audio (multi-channel averaged to mono)."""
-    import soundfile as sf
-
+    """A wav/flac/ogg file -> omni.Audio, read by omni.media.read_audio (multi-channel averaged to mono)."""
     from omni.document import Audio
+    from omni.errors import OmniError
+    from omni.media import BadSample, read_audio
+
+    try:
+        return Audio(*read_audio(_file_bytes(path, "audio")))
+    except BadSample as e:
+        raise OmniError(f"cannot read audio {path}: {e.detail} (supported: wav, flac, ogg)") from None
+
+
+def _file_bytes(path: str, medium: str) -> bytes:
     from omni.errors import OmniError
 
     p = Path(path)
     if not p.is_file():
-        raise OmniError(f"audio file not found: {p}")
-    try:
-        wave, sr = sf.read(str(p), dtype="float32", always_2d=True)  # [T,C]
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise OmniError(f"cannot read audio {p}: {e} (supported: wav, flac, ogg)") from None
-    return Audio(wave.T, sr)
+        raise OmniError(f"{medium} file not found: {p}")
+    return p.read_bytes()
 
 
 def _encode(args) -> int:

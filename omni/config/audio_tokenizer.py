@@ -132,6 +132,8 @@ class AudioTrainConfig:
     """Write a metrics.jsonl row every this many steps."""
     save_every: int = 100
     """Write a resumable checkpoint (OUT/step_XXXXXX) every this many steps (0: only at the end)."""
+    tensorboard: bool = False
+    """Also log the metrics.jsonl scalars to TensorBoard (OUT/tensorboard/), as the decoder's train.tensorboard."""
     seed: int = 0
     """Seed of the data order and crops."""
 

@@ -172,9 +172,11 @@ class ImageTrainConfig:
     eval_max_images: int = 2048
     """At most this many eval crops/images."""
     log_every: int = 10
-    """Write a JSONL log line every this many steps."""
+    """Write a metrics.jsonl row every this many steps."""
     save_every: int = 500
     """Checkpoint every this many steps (0: only at the end)."""
+    tensorboard: bool = False
+    """Also log the metrics.jsonl scalars to TensorBoard (OUT/tensorboard/), as the decoder's train.tensorboard."""
     seed: int = 0
     """Seed of initialization and crop sampling."""
     threads: int = 0

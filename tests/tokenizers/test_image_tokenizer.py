@@ -224,13 +224,14 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
     common = ["tokenizer", "train", "image", "--data", str(messy_dir), "--out", str(out), "--quiet",
               *[f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()],
               "model.quantizer=fsq", "batch_size=4", "eval_every=0", "log_every=1", "eval_max_images=16",
-              "eval_crops_per_image=2"]
+              "eval_crops_per_image=2", "tensorboard=true"]
     rc, stdout, stderr = run_cli(*common, "steps=2")
     assert rc == 0, stderr
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["event"] == "data" and log[0]["train"]["skipped"]["corrupt_image"] == 3
     assert "skipped" in stdout and "corrupt_image" in stdout
     assert (out / "run.yaml").is_file() and [p.name for p in out.glob("step_*")] == ["step_000002"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # the run convention's TensorBoard log
     w2 = (out / "model.safetensors").read_bytes()
 
     rc, stdout, stderr = run_cli(*common, "steps=4")
