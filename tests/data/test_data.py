@@ -299,3 +299,15 @@ def test_bad_preprocess_inputs(tmp_path, bundle_dir, real_samples, text_tokenize
         from omni.data.packing import build_stream
 
         build_stream(DataConfig(paths=[str(tmp_path / "tok")], seq_len=8), omni.UnifiedTokenizer.load(bundle_dir))
+
+
+def test_skip_reasons_are_one_list_documented_in_docs_data_md():
+    """omni.media.REASONS is the one list of skip reasons (preprocess and the tokenizer trainers);
+    docs/data.md's table names exactly those."""
+    import re
+
+    from omni.media import REASONS
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text().split("## Bad samples", 1)[1]
+    documented = re.findall(r"^\| `(\w+)` \|", table.split("\n## ", 1)[0], re.M)
+    assert sorted(documented) == sorted(REASONS)
