@@ -22,18 +22,7 @@ import json
 from dataclasses import dataclass
 
 from omni.document import Audio, Document, Image, Text
-from omni.media import (
-    AUDIO_EXTS,
-    IMAGE_EXTS,
-    REASONS,
-    TEXT_EXTS,
-    BadSample,
-    read_audio,
-    read_image,
-    read_text,
-)
-
-__all__ = ["AUDIO_EXTS", "IMAGE_EXTS", "REASONS", "TEXT_EXTS", "BadSample", "ParsedSample", "parse_sample"]
+from omni.media import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, BadSample, read_audio, read_image, read_text
 
 
 @dataclass
