@@ -98,8 +98,10 @@ class DemoRunConfig(RunConfig):
 
 def demo_suite(checkpoint: Path, data, cfg, out: Path | None = None) -> dict:
     """``omni eval demo --checkpoint DEMO_DIR [--out DIR]``: the suite again on a finished demo folder
-    (its own config.yaml, judge and newest checkpoint); metrics.json and index.html go to ``out``
-    (default: the demo folder itself)."""
+    (its own config.yaml, judge and newest checkpoint). metrics.json and index.html go to ``out``;
+    without it only the figures are returned (the demo folder's own files are never overwritten)."""
+    import tempfile
+
     from omni.config import load_config
     from omni.io import read_json
 
@@ -109,7 +111,10 @@ def demo_suite(checkpoint: Path, data, cfg, out: Path | None = None) -> dict:
     run = load_config(DemoRunConfig, checkpoint / CONFIG_FILE)
     old = checkpoint / "metrics.json"
     budget = read_json(old, "").get("budget", "unknown") if old.is_file() else "unknown"
-    return evaluate_demo(checkpoint, run, budget, {}, log=lambda s: None, dest=out)
+    if out is not None and Path(out).resolve() == checkpoint.resolve():
+        raise OmniError(f"--out {out} is the demo folder itself; choose another folder (its figures stay as they are)")
+    with tempfile.TemporaryDirectory() as tmp:
+        return evaluate_demo(checkpoint, run, budget, {}, log=lambda s: None, dest=Path(out) if out else Path(tmp))
 
 
 def _newest_checkpoint(out: Path) -> Path:

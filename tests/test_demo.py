@@ -105,6 +105,11 @@ def test_eval_demo_suite_reproduces_the_demo_figures(small_demo, tmp_path):
     first, again = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "again"))
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     assert (tmp_path / "again" / "index.html").is_file()
+    before = (out / "metrics.json").read_bytes()
+    rc, _, err = run_cli("eval", "demo", "--checkpoint", out, "--out", out)
+    assert rc == 2 and "is the demo folder itself" in err and (out / "metrics.json").read_bytes() == before
+    rc, _, err = run_cli("eval", "demo", "--checkpoint", tmp_path)
+    assert rc == 2 and "is not an `omni demo` folder" in err
 
 
 def test_bad_demo_settings_exit_2_naming_the_key(tmp_path):
