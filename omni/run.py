@@ -299,6 +299,15 @@ def find_resume(out: str | os.PathLike, resume: str) -> Path | None:
     return None
 
 
+def discard_checkpoints(out: str | os.PathLike) -> int:
+    """Delete every checkpoint in ``out`` (a run that starts over there, ``--no-resume``): pruning
+    keeps the newest steps, so a discarded run's later checkpoints would outlive the new run's."""
+    stale = list_checkpoints(out)
+    for _, p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def prune(out: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints."""
     for _, p in list_checkpoints(out)[:-keep_last]:

@@ -167,6 +167,8 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
                             f"or pass another --out (or --no-resume to start over there)")
         tok = WhisperVQAudioTokenizer.load(found)
     else:
+        if out is not None and run.discard_checkpoints(out):
+            print(f"starting over in {out}: its earlier checkpoints were discarded")
         tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)
     model = tok.model.train()
     if tok.config.freeze_encoder:

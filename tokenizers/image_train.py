@@ -312,6 +312,8 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
             raise OmniError(f"{out} holds a run of another model config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
         tok = VQImageTokenizer.load(found)
+    elif run.discard_checkpoints(out):
+        log(f"starting over in {out}: its earlier checkpoints were discarded")
     tok.train()
     run.save_run_config(cfg, out)
 

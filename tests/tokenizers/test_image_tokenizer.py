@@ -264,6 +264,10 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
 
     rc, _, stderr = run_cli(*common[:-1], "steps=4", "model.quantizer=vq")
     assert rc == 2 and "another model config" in stderr
+    # --no-resume starts over: the discarded run's checkpoints go, so pruning keeps the new run's
+    rc, stdout, stderr = run_cli(*common, "steps=1", "--no-resume")
+    assert rc == 0, stderr
+    assert "earlier checkpoints were discarded" in stdout and [p.name for p in out.glob("step_*")] == ["step_000001"]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
