@@ -196,11 +196,34 @@ def list_shards(inputs: Sequence[str]) -> list[Path]:
     return sorted(set(shards), key=lambda p: str(p))  # one entry per file, in a fixed order
 
 
+def tar_end_problem(path: str | os.PathLike) -> str | None:
+    """None if an uncompressed tar ends as a whole archive does, else what is wrong.
+
+    A complete tar is a whole number of 512-byte blocks ending in two zero blocks (the end-of-archive
+    marker). A copy cut off at a member boundary or inside a header leaves neither, and Python's
+    tarfile reads such a stream as a shorter, valid archive; this check catches it. Compressed
+    shards carry their own end check (gzip's length and CRC)."""
+    path = Path(path)
+    if path.name.endswith((".tar.gz", ".tgz")):
+        return None
+    size = path.stat().st_size
+    if size % 512:
+        return f"the file is {size} bytes, not whole 512-byte tar blocks (cut off inside a block)"
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        return "the tar stream ends without its end-of-archive blocks (cut off)"
+    return None
+
+
 def iter_samples(path: str | os.PathLike, report: SkipReport) -> Iterator[dict]:
     """The grouped samples of one shard (members sharing the key before the first dot), in tar order.
 
-    webdataset's own tar iterator and grouping; a broken tar stream ends the shard and counts one
-    ``corrupt_shard`` in ``report`` (the samples before the break are kept)."""
+    webdataset's own tar iterator and grouping. A broken shard (a tar error, or a stream cut off
+    without its end-of-archive blocks: :func:`tar_end_problem`) counts one ``corrupt_shard`` in
+    ``report`` and keeps the samples before the break; the sample the break falls in or after is
+    left out, since a cut at a member boundary cannot tell whether that sample was whole."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     errors: list[str] = []
@@ -209,14 +232,22 @@ def iter_samples(path: str | os.PathLike, report: SkipReport) -> Iterator[dict]:
         errors.append(f"{type(exn).__name__}: {exn}")
         return False  # stop reading this shard: the stream is broken
 
+    last = None  # yielded one behind, so the sample at a break can be left out
     with open(path, "rb") as f:
         try:
             files = ({**m, "__url__": str(path)} for m in tar_file_iterator(f, handler=on_error))
-            yield from group_by_keys(files, handler=on_error)
+            for sample in group_by_keys(files, handler=on_error):
+                if last is not None:
+                    yield last
+                last = sample
         except Exception as e:  # noqa: BLE001 - tarfile errors raised while opening or between members
             errors.append(f"{type(e).__name__}: {e}")
+    if not errors and (problem := tar_end_problem(path)) is not None:
+        errors.append(problem)
     if errors:
         report.skip("corrupt_shard", Path(path).name, errors[0])
+    elif last is not None:
+        yield last
 
 
 # --------------------------------------------------------------------------------------------

@@ -311,3 +311,34 @@ def test_skip_reasons_are_one_list_documented_in_docs_data_md():
     table = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text().split("## Bad samples", 1)[1]
     documented = re.findall(r"^\| `(\w+)` \|", table.split("\n## ", 1)[0], re.M)
     assert sorted(documented) == sorted(REASONS)
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "at a member boundary", "inside a header"])
+def test_shard_cut_off_anywhere_counts_one_corrupt_shard_and_keeps_whole_samples(tmp_path, cut):
+    """An interrupted copy: Python's tarfile reads a stream cut at a member boundary or inside a
+    header as a shorter, valid archive, and one cut inside a member still hands over the sample it
+    broke. The one shard reader counts each as corrupt_shard and keeps only the samples before it."""
+    import tarfile
+
+    from omni.media import SkipReport, iter_samples
+
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(3):
+            for ext, data in (("txt", f"caption {i}".encode()), ("bin", bytes(range(256)) * 12)):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        second_bin = [m for m in tar.getmembers() if m.name == "0001.bin"][0]
+    data = path.read_bytes()
+    end = {"inside a member": second_bin.offset_data + 1000,  # 0001.bin loses its tail
+           "at a member boundary": second_bin.offset,  # 0001 has its .txt, not its .bin
+           "inside a header": second_bin.offset + 100}[cut]
+    path.write_bytes(data[:end])
+    report = SkipReport()
+    assert [s["__key__"] for s in iter_samples(path, report)] == ["0000"]
+    assert dict(report.skipped) == {"corrupt_shard": 1}
+    path.write_bytes(data)  # the whole shard: every sample, no skip
+    report = SkipReport()
+    assert [s["__key__"] for s in iter_samples(path, report)] == ["0000", "0001", "0002"] and not report.skipped
