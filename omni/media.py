@@ -43,7 +43,7 @@ REASONS = {
     "bad_json": "a .json that does not parse or lacks a valid segments list",
     "missing_member": "a json segment names a member the sample lacks",
     "unrecognized_sample": "no member combination of the format",
-    "tokenize_error": "a tokenizer refused the content",
+    "tokenize_error": "a tokenizer refused the content (OmniError or ValueError; anything else stops the run)",
     "corrupt_shard": "the tar stream itself broke; the samples before the break are kept",
     "unsupported_format": "a file of a format that is not read (mp3 needs ffmpeg; a text file among images)",
     "too_small": "an image whose shorter side is under the trainer's min_image_side",

@@ -55,8 +55,9 @@ def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.nd
     for seg, prompt in zip(parsed.doc.segments, parsed.prompt):
         try:
             seg_ids = tok.encode(Document([seg]), bos=False).numpy().astype(np.int32)
-        except Exception as e:  # any tokenizer failure skips the sample, never the run
+        except (OmniError, ValueError) as e:  # the tokenizer refused this content: skip the sample
             raise BadSample("tokenize_error", f"{type(e).__name__}: {e}") from None
+        # any other exception is a bug, not bad data: it stops the run (process_shard names the sample)
         ids.append(seg_ids)
         mask.append(np.full(len(seg_ids), 0 if prompt else 1, np.uint8))
     if cfg.add_eos:
@@ -94,6 +95,10 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
         except BadSample as e:
             report.skip(e.reason, sample.get("__key__", "?"), str(e))
             continue
+        except Exception as e:
+            raise RuntimeError(f"preprocessing sample {sample.get('__key__', '?')!r} of {path} failed with "
+                               f"{type(e).__name__}: {e}; a bug, not bad data (bad data is skipped and "
+                               "counted), so the run stops here") from e
         tokens_b.add_document(ids, [len(ids)])
         mask_b.add_document(mask, [len(mask)])
         per_modality += np.bincount(table[ids], minlength=len(MODALITY_NAMES))

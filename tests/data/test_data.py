@@ -342,3 +342,36 @@ def test_shard_cut_off_anywhere_counts_one_corrupt_shard_and_keeps_whole_samples
     path.write_bytes(data)  # the whole shard: every sample, no skip
     report = SkipReport()
     assert [s["__key__"] for s in iter_samples(path, report)] == ["0000", "0001", "0002"] and not report.skipped
+
+
+def test_tokenizer_refusal_skips_but_a_bug_stops_the_run_naming_the_sample(tmp_path, bundle_dir, monkeypatch):
+    """OmniError / ValueError from a tokenizer: the content was refused, the sample is a counted
+    tokenize_error. Any other exception is a programming error: the run stops with its traceback
+    and the sample's key instead of turning every sample into a skip and exiting 0."""
+    from omni.bundle import UnifiedTokenizer
+    from omni.data.preprocess import preprocess
+    from omni.errors import OmniError
+
+    samples = [{"__key__": f"s{i}", "txt": text.encode()} for i, text in enumerate(["fine", "refuse me", "fine too"])]
+    _write_shards(samples, tmp_path / "raw", per_shard=3)
+    real = UnifiedTokenizer.encode
+
+    def refusing(self, doc, *a, **kw):
+        if "refuse" in doc.text:
+            raise OmniError("content refused")
+        return real(self, doc, *a, **kw)
+
+    monkeypatch.setattr(UnifiedTokenizer, "encode", refusing)
+    preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "ok", progress=False)
+    m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert m["totals"]["skipped"] == {"tokenize_error": 1} and m["totals"]["documents"] == 2
+
+    def buggy(self, doc, *a, **kw):
+        if "refuse" in doc.text:
+            return 1 / 0
+        return real(self, doc, *a, **kw)
+
+    monkeypatch.setattr(UnifiedTokenizer, "encode", buggy)
+    with pytest.raises(RuntimeError, match=r"preprocessing sample 's1' of .*part-000.tar failed with ZeroDivisionError"):
+        preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "bug", progress=False)
+    assert not (tmp_path / "bug" / "manifest.json").exists()
