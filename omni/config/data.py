@@ -22,10 +22,14 @@ class PreprocessConfig:
     """End every document with <eos>."""
     log_skipped: int = 1000
     """At most this many skipped samples per shard are listed (key, reason) in its manifest; all are counted."""
+    max_skip_fraction: float = 0.1
+    """A run whose skipped share of the samples read is above this fails (after writing its manifest),
+    naming the count of each reason; so is a run that writes no document at all. 1.0: never fail."""
 
     def __post_init__(self) -> None:
         check_choice(self.pair_order, "pair_order", ("media_first", "text_first", "random"))
         check(self.log_skipped >= 0, "log_skipped", self.log_skipped, ">= 0")
+        check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
 
 
 @dataclass

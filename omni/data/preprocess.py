@@ -231,6 +231,8 @@ def preprocess(
     except OSError:
         pass  # absent, or another rank is still writing there
     wrote = write_manifest(out, tok, cfg, names)
+    if wrote:
+        check_skip_rate(out, cfg)
     return {"shards_total": len(shards), "shards_mine": len(mine), "processed": len(done),
             "already_done": len(mine) - len(todo), "manifest": wrote, "seconds": time.time() - t0,
             "samples": sum(d["samples"] for d in done), "documents": sum(d["documents"] for d in done)}
@@ -239,8 +241,8 @@ def preprocess(
 def _check_same_run(out: Path, tok, cfg: PreprocessConfig, n_shards: int) -> None:
     """A folder being resumed must have been started with the same tokenizer and options."""
     marker = out / "preprocess.json"
-    want = {"format": FORMAT_VERSION, "tokenizer": tok.identity(), "config": dataclasses.asdict(cfg),
-            "n_shards": n_shards}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "max_skip_fraction"}  # not in the output
+    want = {"format": FORMAT_VERSION, "tokenizer": tok.identity(), "config": config, "n_shards": n_shards}
     if marker.is_file():
         have = json.loads(marker.read_text())
         if have != want:
@@ -250,6 +252,22 @@ def _check_same_run(out: Path, tok, cfg: PreprocessConfig, n_shards: int) -> Non
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps(want, indent=1) + "\n")
+
+
+def check_skip_rate(out: Path, cfg: PreprocessConfig) -> None:
+    """Fail (OmniError, exit 2) when the finished run skipped more than ``cfg.max_skip_fraction`` of
+    the samples it read, or wrote no document; the manifest is already written, and named."""
+    totals = json.loads((out / MANIFEST).read_text())["totals"]
+    samples, docs, skipped = totals["samples"], totals["documents"], totals["skipped"]
+    share = (samples - docs) / samples if samples else 1.0
+    if docs and share <= cfg.max_skip_fraction:
+        return
+    reasons = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "no sample read"
+    what = (f"wrote no document ({samples} samples read)" if not docs else
+            f"skipped {share:.1%} of {samples} samples, above data.preprocess.max_skip_fraction="
+            f"{cfg.max_skip_fraction}")
+    raise OmniError(f"{out}: the run {what}: {reasons}; the manifest and each shard's NAME.json list the "
+                    "skipped samples (raise max_skip_fraction to accept the rest)")
 
 
 def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> bool:

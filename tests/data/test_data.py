@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_cli
 from omni.config.data import DataConfig, PreprocessConfig
+from omni.errors import OmniError
 
 HERE = Path(__file__).resolve().parent
 
@@ -211,6 +212,12 @@ def test_broken_samples_are_counted_by_reason(tmp_path, bundle_dir, real_samples
     _write_shards(samples, tmp_path / "raw", per_shard=10)
     rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
                            "--out", tmp_path / "tok", "--quiet")
+    # 12% skipped is over data.preprocess.max_skip_fraction (0.1): exit 2 naming each reason's count,
+    # after the manifest was written; the same command with a higher limit accepts the folder as it is
+    assert rc == 2 and "skipped 12.0% of 50 samples" in err and "2 corrupt_image" in err, err
+    assert (tmp_path / "tok" / "manifest.json").is_file()
+    rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
+                           "--out", tmp_path / "tok", "--quiet", "max_skip_fraction=0.2")
     assert rc == 0, err
     manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert manifest["totals"]["skipped"] == {"bad_json": 1, "bad_text": 1, "corrupt_audio": 1,
@@ -227,10 +234,15 @@ def test_truncated_shard_keeps_what_was_read(tmp_path, bundle_dir, real_samples)
     (p,) = _write_shards(real_samples[:10], tmp_path / "raw", per_shard=10)
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    preprocess([str(p)], bundle_dir, tmp_path / "tok", progress=False)
+    preprocess([str(p)], bundle_dir, tmp_path / "tok", PreprocessConfig(max_skip_fraction=1.0), progress=False)
     m = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert m["totals"]["skipped"] == {"corrupt_shard": 1}
     assert 0 < m["totals"]["documents"] < 10
+    # a shard whose every sample is lost writes no document: that fails whatever the limit
+    p.write_bytes(data[:700])
+    with pytest.raises(OmniError, match="wrote no document"):
+        preprocess([str(p)], bundle_dir, tmp_path / "none", PreprocessConfig(max_skip_fraction=1.0), progress=False)
+    assert (tmp_path / "none" / "manifest.json").is_file()
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -362,7 +374,8 @@ def test_tokenizer_refusal_skips_but_a_bug_stops_the_run_naming_the_sample(tmp_p
         return real(self, doc, *a, **kw)
 
     monkeypatch.setattr(UnifiedTokenizer, "encode", refusing)
-    preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "ok", progress=False)
+    preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "ok", PreprocessConfig(max_skip_fraction=0.5),
+               progress=False)
     m = json.loads((tmp_path / "ok" / "manifest.json").read_text())
     assert m["totals"]["skipped"] == {"tokenize_error": 1} and m["totals"]["documents"] == 2
 
