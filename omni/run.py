@@ -282,7 +282,10 @@ def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def find_resume(out: str | os.PathLike, resume: str) -> Path | None:
-    """``resume``: 'auto' (the newest intact checkpoint in ``out``, or None), 'none', or a checkpoint path."""
+    """``resume``: 'auto' (the newest intact checkpoint in ``out``; None when there is none at all),
+    'none', or a checkpoint path. 'auto' passes over a broken checkpoint with a warning, and refuses
+    (OmniError) a folder whose checkpoints are all broken, naming each and why, rather than starting
+    over on its own: that is what ``resume='none'`` is for."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -291,11 +294,16 @@ def find_resume(out: str | os.PathLike, resume: str) -> Path | None:
         if problem:
             raise OmniError(f"cannot resume from {p}: {problem}")
         return p
+    broken = []
     for _, p in reversed(list_checkpoints(out)):
         problem = verify(p)
         if problem is None:
             return p
         warnings.warn(f"skipping checkpoint {p}: {problem}", stacklevel=2)
+        broken.append(f"{p.name}: {problem}")
+    if broken:
+        raise OmniError(f"{out} holds checkpoints but none is intact ({'; '.join(broken)}); resume from one "
+                        "by path once repaired, or start over deliberately (--resume none / --no-resume)")
     return None
 
 

@@ -32,7 +32,16 @@ from omni.parallel.dist import (
     init_distributed,
     parallelize,
 )
-from omni.run import MetricsLog, find_resume, lr_at, prune, save_run_config, set_rng_state, step_dir
+from omni.run import (
+    MetricsLog,
+    discard_checkpoints,
+    find_resume,
+    lr_at,
+    prune,
+    save_run_config,
+    set_rng_state,
+    step_dir,
+)
 from omni.train.checkpointing import load_train_checkpoint, save_train_checkpoint
 from omni.vocab import MODALITY_NAMES
 
@@ -109,6 +118,9 @@ class Trainer:
         self.skipped_steps = 0
         self.tokens_seen = 0
         found = find_resume(self.out, resume)
+        if resume == "none" and self.info.is_main and discard_checkpoints(self.out):
+            # starting over deliberately: the old run's later steps must not outlive (or be resumed over) this one's
+            print(f"--resume none: the earlier checkpoints in {self.out} were discarded", flush=True)
         if found is not None:
             self._restore(found)
         self.resumed_from = found

@@ -158,6 +158,26 @@ def test_sigkill_resumes_from_last_intact_checkpoint(tmp_path, text_run):
             == (tmp_path / "ref" / "step_000008" / "model.safetensors").read_bytes())
 
 
+def test_no_intact_checkpoint_is_refused_not_silently_restarted(tmp_path, text_run):
+    """--resume auto in a folder whose checkpoints are all corrupt exits 2 naming each (it used to start
+    over from step 0 and truncate metrics.jsonl with only a warning); --resume none starts over on purpose."""
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=4, save_every=2, keep_last=2)
+    train(load_config(RunConfig, recipe), resume="none", progress=False)
+    out_dir = tmp_path / "run"
+    for ckpt in out_dir.glob("step_*"):
+        (ckpt / "model.safetensors").write_bytes(b"cut")
+    logged = (out_dir / "metrics.jsonl").read_bytes()
+    rc, _, err = run_cli("train", recipe, "--quiet")
+    assert rc == 2 and "none is intact" in err, err
+    assert "step_000004: model.safetensors does not match its checksum" in err and "step_000002" in err
+    assert (out_dir / "metrics.jsonl").read_bytes() == logged  # nothing lost
+    rc, stdout, err = run_cli("train", recipe, "--quiet", "--resume", "none", "train.steps=2")
+    assert rc == 0, err
+    assert "earlier checkpoints" in stdout and sorted(p.name for p in out_dir.glob("step_*")) == ["step_000002"]
+
+
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, text_run, monkeypatch):
     from omni.model import OmniDecoder
     from omni.train.loop import train
