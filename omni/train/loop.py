@@ -54,11 +54,21 @@ class _StopFlag:
         self._old = {}
 
     def __enter__(self):
+        import threading
+        import warnings
+
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread install handlers (e.g. train() called from a worker thread)
+            warnings.warn("train() runs outside the main thread, so SIGTERM/SIGUSR1 cannot be caught: a "
+                          "preemption will stop the run without a checkpoint (the steps since the last "
+                          "save are lost)", stacklevel=3)
+            return self
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test worker thread)
-                pass
+            except (ValueError, OSError) as e:
+                raise OmniError(f"cannot install the {sig.name} handler ({e}): preemption would stop the run "
+                                "without a checkpoint") from e
         return self
 
     def _handle(self, signum, frame) -> None:

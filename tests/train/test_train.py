@@ -158,6 +158,52 @@ def test_sigkill_resumes_from_last_intact_checkpoint(tmp_path, text_run):
             == (tmp_path / "ref" / "step_000008" / "model.safetensors").read_bytes())
 
 
+@pytest.mark.dist
+def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path, text_run):
+    """Slurm's preemption warning (--signal=USR1): a real SIGUSR1 finishes the step, writes an intact
+    checkpoint, says where, and exits 0."""
+    from omni.run import verify
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
+    p = _omni("train", str(recipe), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    (ckpt,) = (tmp_path / "run").glob("step_*")
+    assert f"SIGUSR1: saved {ckpt}" in stdout and verify(ckpt) is None
+    assert 1 <= int(ckpt.name[5:]) < 500
+
+
+def test_outside_the_main_thread_preemption_is_a_named_warning(tmp_path, text_run):
+    import threading
+    import warnings
+
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=1, warmup_steps=0)
+    caught, failed = [], []
+
+    def run():
+        try:
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                train(load_config(RunConfig, recipe), resume="none", progress=False)
+            caught.extend(str(w.message) for w in rec)
+        except Exception as e:  # noqa: BLE001 - reported below, in the test's own thread
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not failed, failed
+    assert any("outside the main thread" in m and "without a checkpoint" in m for m in caught), caught
+    assert (tmp_path / "run" / "step_000001").is_dir()
+
+
 def test_no_intact_checkpoint_is_refused_not_silently_restarted(tmp_path, text_run):
     """--resume auto in a folder whose checkpoints are all corrupt exits 2 naming each (it used to start
     over from step 0 and truncate metrics.jsonl with only a warning); --resume none starts over on purpose."""
