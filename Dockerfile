@@ -1,7 +1,7 @@
 # omni for GPU clusters: NVIDIA's NGC PyTorch image (CUDA, NCCL, cuDNN, a matching torch and
 # Transformer Engine) plus omni with the `gpu` and `hf` extras. Build:
 #   docker build -t omni:latest .
-# and run under Slurm with enroot/pyxis (`omni launch slurm ... container=omni:latest`).
+# (Slurm launch through `omni launch slurm` is planned, issue #22; see docs/architecture.md.)
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
