@@ -9,7 +9,8 @@ gradient of 1 process with the whole batch), gradient clipping, AdamW, the learn
 A non-finite loss or gradient skips the optimizer step (counted and logged); ``max_bad_steps``
 in a row abort the run. SIGTERM and SIGUSR1 (preemption) finish the current step, save a
 checkpoint and exit cleanly. Checkpoints (omni.train.checkpointing, in the run convention of
-:mod:`omni.run`: run.yaml, metrics.jsonl, step_XXXXXX/) hold everything needed to continue bit for bit: on a CPU, 2N steps in one run equal N steps, a kill, a resume and N more.
+:mod:`omni.run`: run.yaml, metrics.jsonl, step_XXXXXX/) hold everything needed to continue bit
+for bit: on a CPU, 2N steps in one run equal N steps, a kill, a resume and N more.
 """
 
 from __future__ import annotations
