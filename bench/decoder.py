@@ -25,8 +25,8 @@ In one run it
    temporaries; weights and AdamW state are resident before and are the same for all), measured
    in a child process per model whose allocator returns big blocks on free (not timed).
 
-The machine may be shared: use ``nice``, and read the spread printed next to each median.
-Run: ``nice .venv/bin/python bench/decoder.py`` (``--help`` for the options).
+The machine may be shared: use ``nice``, and read the spread (min..max) printed next to each median.
+Run: ``nice -n 19 .venv/bin/python bench/decoder.py`` (``--help`` for the options).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from _timing import header, interleaved, spread, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -276,13 +278,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from omni.model import flops_per_token
 
+    settings = {k: v for k, v in vars(args).items() if k != "memory_of"}
+    header(__doc__.split("\n")[0], settings, torch=torch.__version__, transformers=transformers.__version__)
     cfg, hf, models = build(args.recipe)
     B, T = args.batch, args.seq
     tokens = B * T
     fpt = flops_per_token(cfg, T)
     shapes = gemm_shapes(cfg, tokens)
     mm_flops = sum(2.0 * M * K * N for M, K, N in shapes)
-    print(f"bench/decoder.py: recipe {args.recipe} ({models[OMNI].num_parameters() / 1e6:.1f}M parameters), "
+    print(f"recipe {args.recipe} ({models[OMNI].num_parameters() / 1e6:.1f}M parameters), "
           f"batch {B} x seq {T} = {tokens} tokens/step, fp32, {args.threads} thread(s), torch {torch.__version__}")
     print(f"peer: transformers {transformers.__version__} ChameleonForConditionalGeneration "
           f"(attention: {hf.config._attn_implementation}), same weights; all with fused AdamW")
@@ -300,41 +304,42 @@ def main() -> int:
         print(f"warm-up {name}: 2 steps in {time.perf_counter() - t:.1f}s", flush=True)
     # Wall time, and CPU time of this process: with one thread the latter leaves out the time the
     # step waited for a core that other processes held, which on a shared machine is most of the noise.
-    wall = {k: [] for k in steps}
-    cpu = {k: [] for k in steps}
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
-            t, c = time.perf_counter(), time.process_time()
-            steps[name]()
-            wall[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+    timed = interleaved(steps, args.rounds)
     models_ = names[len(kernels):]
     mem = {name: measure_memory(args, name) for name in models_}
+    print(f"\nFLOPs/token (6N + causal attention, omni.model.flops_per_token): {fpt / 1e6:.1f}M; "
+          f"first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
 
-    clocks = [("CPU time", cpu)] if args.threads == 1 else []
-    for clock, times in clocks + [("wall time", wall)]:
+    clocks = [("CPU time", timed.cpu)] if args.threads == 1 else []
+    summary = {}  # clock -> rows of the closing table
+    for clock, times in clocks + [("wall time", timed.wall)]:
         peak = mm_flops / statistics.median(times[REF])
         print(f"\n[{clock}] matmul peak at the model's {len(set(shapes))} GEMM shapes ({len(shapes)} products "
               f"per step): {peak / 1e9:.1f} GFLOP/s (median over the rounds; "
               f"{mm_flops / min(times[REF]) / 1e9:.1f} in the best round)")
-        print(f"{'model':28s} {'step s (min-max)':>20s} {'tokens/s':>9s} {'vs HF':>6s} {'GFLOP/s':>8s} "
+        print(f"{'model':28s} {'step s (min..max)':>21s} {'tokens/s':>9s} {'vs HF':>6s} {'GFLOP/s':>8s} "
               f"{'of peak':>8s} {'step MiB':>9s}")
         ref = statistics.median(times[HF])
         for name in models_:
             med = statistics.median(times[name])
             tps = tokens / med
             achieved = fpt * tps
-            print(f"{name:28s} {med:7.3f} ({min(times[name]):.2f}-{max(times[name]):.2f}) {tps:9.0f} "
+            print(f"{name:28s} {spread(times[name]):>21s} {tps:9.0f} "
                   f"{ref / med:5.2f}x {achieved / 1e9:8.1f} {achieved / peak:7.0%} {mem[name]:9.0f}")
+            summary.setdefault(clock, []).append([name, f"{tps:.0f}", f"{ref / med:.2f}x", f"{achieved / peak:.0%}",
+                                                  f"{mem[name]:.0f}"])
         mm_s, attn_s = statistics.median(times[REF]), statistics.median(times[ATTN])
         floor = mm_s + attn_s
-        print(f"{'kernel floor (see below)':28s} {floor:7.3f} {'':11s} {tokens / floor:9.0f} {ref / floor:5.2f}x "
+        print(f"{'kernel floor (see below)':28s} {floor:7.3f} {'':13s} {tokens / floor:9.0f} {ref / floor:5.2f}x "
               f"{fpt * tokens / floor / 1e9:8.1f} {fpt * tokens / floor / peak:7.0%}")
+        summary[clock].append(["kernel floor (matmuls + SDPA)", f"{tokens / floor:.0f}", f"{ref / floor:.2f}x",
+                               f"{fpt * tokens / floor / peak:.0%}", ""])
         print(f"kernel floor = the step's matmuls at the measured peak ({mm_s:.3f} s) + SDPA's causal attention "
               f"forward+backward x {cfg.n_layers} layers ({attn_s:.3f} s, "
               f"{attn_flops(cfg, B, T) / attn_s / 1e9:.1f} GFLOP/s): no model calling these kernels steps faster")
-    print(f"\nFLOPs/token (6N + causal attention, omni.model.flops_per_token): {fpt / 1e6:.1f}M; "
-          f"first losses: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
+    clock = next(iter(summary))
+    table(f"summary ({clock}, median of {args.rounds} interleaved rounds; batch {B} x {T} tokens)",
+          ["model", "tokens/s", "vs transformers", "of matmul peak", "step MiB"], summary[clock])
     return 0
 
 

@@ -1,12 +1,16 @@
 """Encode throughput: our VQImageTokenizer vs transformers' ChameleonVQVAE, same weights, same run.
 
-Builds a random ``ChameleonForConditionalGeneration`` with the chosen VQGAN configuration, saves
-it with ``save_pretrained``, imports its image tokenizer with ``import_chameleon_vqgan`` and
-times ``encode`` of both on the same batch of real photo crops (scikit-image, offline). Checks
-that the codes are identical, then prints images/s for each and the ratio (ours / theirs).
+Peer: transformers' ``ChameleonVQVAE.encode`` (extra ``hf``). Builds a random
+``ChameleonForConditionalGeneration`` with the chosen VQGAN configuration, saves it with
+``save_pretrained``, imports its image tokenizer with ``import_chameleon_vqgan`` and times
+``encode`` of both, float32 weights and input on both sides, on the same batch of real photo crops
+(scikit-image, offline; ours takes [0, 1] pixels and maps them to [-1, 1] itself, transformers is
+given them mapped). Checks that the codes are identical, then times the two in interleaved rounds
+(A B, B A, ... after one warm-up call each) and prints, per side, images/s as the median and
+min..max over ``--rounds``, and the ratio of the median times (ours / theirs in speed).
 
-    .venv/bin/python bench/image_tokenizer.py                     # Chameleon's layout, 128 px
-    .venv/bin/python bench/image_tokenizer.py --resolution 512 --base-channels 128   # Chameleon's size
+    nice -n 19 .venv/bin/python bench/image_tokenizer.py --threads 1 --rounds 10   # Chameleon's layout, 128 px
+    nice -n 19 .venv/bin/python bench/image_tokenizer.py --resolution 512 --base-channels 128   # Chameleon's size
 
 Timings on a shared CPU are noisy: compare the ratio, not the absolute figures.
 """
@@ -14,20 +18,14 @@ Timings on a shared CPU are noisy: compare the ratio, not the absolute figures.
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import tempfile
-import time
 import warnings
 
+from _timing import header, interleaved, ratio, spread, table
 
-def _time(fn, x, repeats: int) -> float:
-    """Median seconds of ``fn(x)`` over ``repeats`` runs, after one warm-up run."""
-    fn(x)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+OURS, HF = "omni VQImageTokenizer.encode", "transformers ChameleonVQVAE.encode"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codebook-size", type=int, default=8192)
     ap.add_argument("--embed-dim", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=5,
+                    help="interleaved timed rounds (default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
 
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    header(__doc__.split("\n")[0], args, torch=torch.__version__, torch_threads=torch.get_num_threads())
     torch.manual_seed(0)
     vq = dict(resolution=args.resolution, base_channels=args.base_channels,
               channel_multiplier=args.channel_multiplier, num_res_blocks=args.num_res_blocks,
@@ -75,21 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     x = random_crops(photos("all"), args.batch, args.resolution, seed=0)  # [B,3,R,R] in [0,1]
     pixel_values = x * 2 - 1
 
+    dtypes = {p.dtype for p in ours.parameters()} | {p.dtype for p in hf.parameters()} | {x.dtype}
+    calls = {OURS: lambda: ours.encode(x), HF: lambda: hf.encode(pixel_values).image_tokens}
     with torch.inference_mode():
-        same = torch.equal(ours.encode(x).reshape(-1), hf.encode(pixel_values).image_tokens.long())
-        t_ours = _time(ours.encode, x, args.repeats)
-        t_hf = _time(lambda p: hf.encode(p).image_tokens, pixel_values, args.repeats)
+        same = torch.equal(calls[OURS]().reshape(-1), calls[HF]().long())  # also the warm-up
+        times = interleaved(calls, args.rounds).wall
 
     grid = ours.grid
     print(f"config: {args.resolution}px -> {grid[0]}x{grid[1]} codes of {args.codebook_size}, base_channels "
           f"{args.base_channels}, multipliers {args.channel_multiplier}, {args.num_res_blocks} res blocks, "
-          f"batch {args.batch}, torch threads {torch.get_num_threads()}")
+          f"batch {args.batch}, weights and input {'/'.join(sorted(str(d) for d in dtypes))}")
     print(f"codes identical: {same}")
-    print(f"omni VQImageTokenizer.encode:       {args.batch / t_ours:8.2f} images/s")
-    print(f"transformers ChameleonVQVAE.encode: {args.batch / t_hf:8.2f} images/s")
-    print(f"ratio (omni / transformers):        {t_hf / t_ours:8.3f}")
+    print(f"images/s, median (min..max) of {args.rounds} interleaved round(s):")
+    rates = {name: [args.batch / s for s in t] for name, t in times.items()}
+    for name, r in rates.items():
+        print(f"  {name:36s} {spread(r, '{:.2f}')}")
+    print(f"  ratio of median times (transformers / omni: > 1 means omni is faster): {ratio(times[HF], times[OURS]):.3f}")
+    table("summary", ["encode", "images/s (median)", "vs transformers"],
+          [[name, f"{statistics.median(rates[name]):.2f}", f"{ratio(times[HF], t):.3f}x"]
+           for name, t in times.items()] + [["codes identical", str(same), ""]])
     return 0 if same else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

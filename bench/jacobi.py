@@ -1,14 +1,17 @@
 """Speculative Jacobi decoding on a trained checkpoint: codes per forward pass and time per image.
 
-    nice .venv/bin/python bench/jacobi.py --checkpoint runs/demo/model/step_002100 \\
-        [--captions "a red circle" ...] [--jacobi 4 8] [--batch 1 9]
+    nice -n 19 .venv/bin/python bench/jacobi.py --checkpoint runs/demo/model/step_002100 \\
+        [--captions "a red circle" ...] [--jacobi 4 8] [--batch 1 9] [--rounds 3]
 
 How many guesses a pass keeps depends on the model (bench/generate.py uses random weights), so
 this measures a real one, e.g. the one `omni demo` trains. Peer: the same model decoding one token
-per pass (``jacobi=0``), in the same run; ratios > 1 mean Jacobi is faster. For each of greedy and
-sampled codes, with and without classifier-free guidance, and each batch size (the batch advances
-by its shortest accepted run), it prints the forward passes of the call (its rows decode in parallel), tokens fed per pass, and the
-CPU time of the whole generate() call (median of ``--rounds``).
+per pass (``jacobi=0``), same weights, dtype (as saved) and prompts, in the same run; ratios > 1
+mean Jacobi is faster. For each of greedy and sampled codes, with and without classifier-free
+guidance, and each batch size (the batch advances by its shortest accepted run), the settings
+``jacobi=0`` and each ``--jacobi`` value are timed in interleaved rounds (A B, B A, ...; one
+warm-up call each first), and it prints the forward passes of the call (its rows decode in
+parallel), codes per pass, and the CPU time of the whole generate() call: median (min..max) of
+``--rounds``, and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import header, interleaved, ratio, spread, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,29 +58,40 @@ def main() -> int:
     passes: list[int] = []
     model.register_forward_pre_hook(lambda m, a, kw: passes.append(1), with_kwargs=True)
 
-    print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters, {n} codes per image, "
-          f"{args.threads} thread(s), median of {args.rounds}")
-    print(f"{'codes':8s} {'CFG':>4s} {'batch':>5s} {'jacobi':>6s} {'passes':>12s} {'codes/pass':>10s} "
-          f"{'time s':>8s} {'vs jacobi 0':>11s}")
+    header(__doc__.split("\n")[0], args, torch=torch.__version__,
+           model=f"{model.num_parameters() / 1e6:.1f}M parameters, {next(model.parameters()).dtype}",
+           codes_per_image=n)
+    print(f"CPU time per generate() call, median (min..max) of {args.rounds} interleaved round(s)")
+    print(f"{'codes':8s} {'CFG':>4s} {'batch':>5s} {'jacobi':>6s} {'passes':>7s} {'codes/pass':>10s} "
+          f"{'time s (min..max)':>24s} {'vs jacobi 0':>11s}")
+    rows = []
     for name, sampling in (("greedy", SamplingConfig(temperature=0.0)), ("sampled", SamplingConfig(temperature=1.0))):
         for scale in (1.0, args.cfg_scale):
             for batch in args.batch:
                 prompts = [args.captions[i % len(args.captions)] for i in range(batch)]
-                base = None
-                for j in [0] + args.jacobi:
+                counts: dict[int, list[int]] = {}
+
+                def call(j, prompts=prompts, sampling=sampling, scale=scale, counts=counts):
                     cfg = GenerateConfig(max_new_tokens=n + 2, allow_text=False, allow_audio=False, min_images=1,
                                          max_images=1, cfg_scale=scale, image=sampling, jacobi=j, seed=0)
-                    times, counts = [], []
-                    for _ in range(args.rounds):
-                        passes.clear()
-                        t = time.process_time()
-                        omni.generate(model, tok, prompts, cfg)
-                        times.append(time.process_time() - t)
-                        counts.append(len(passes) - 1)  # without the prefill
-                    med, p = statistics.median(times), statistics.median(counts)
-                    base = base or med
-                    print(f"{name:8s} {scale:4g} {batch:5d} {j:6d} {p:12.0f} {(n + 1) / p:10.2f} {med:8.3f} "
-                          f"{base / med:10.2f}x")
+                    passes.clear()
+                    omni.generate(model, tok, prompts, cfg)
+                    counts.setdefault(j, []).append(len(passes) - 1)  # without the prefill
+
+                calls = {j: (lambda j=j: call(j)) for j in [0] + args.jacobi}
+                for fn in calls.values():  # warm-up
+                    fn()
+                counts.clear()
+                times = interleaved(calls, args.rounds).cpu
+                for j, t in times.items():
+                    p = statistics.median(counts[j])
+                    r = ratio(times[0], t)
+                    print(f"{name:8s} {scale:4g} {batch:5d} {j:6d} {p:7.0f} {(n + 1) / p:10.2f} "
+                          f"{spread(t):>24s} {r:10.2f}x", flush=True)
+                    if j:
+                        rows.append([f"{name}, CFG {scale:g}, batch {batch}, jacobi {j}", f"{(n + 1) / p:.2f}",
+                                     f"{statistics.median(t):.3f}", f"{statistics.median(times[0]):.3f}", f"{r:.2f}x"])
+    table("summary (CPU time per call, median)", ["case", "codes/pass", "jacobi s", "jacobi 0 s", "speed-up"], rows)
     return 0
 
 

@@ -6,7 +6,7 @@
   tokenizer trainer calls every ``eval_every`` steps);
 * :mod:`omni.eval.judge`: the image judge of the toy world (which colored shapes a picture shows);
 * :mod:`omni.eval.demo`: the any-to-any suite of ``omni demo`` (caption <-> image, speech <-> text,
-  stories), judged on held-out scenes.
+  stories), judged on scenes disjoint from training by content.
 
 :data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
 runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an

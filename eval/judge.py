@@ -28,7 +28,7 @@ tiny, fast classification problem (seconds) that generalizes to any number of ob
     judge.correct(image, "a red circle and a blue square")   # True / False
     judge.save("runs/judge"); judge = Judge.load("runs/judge")   # safetensors + judge.json
 
-``python -m omni.eval.judge [--scenes N] [--out DIR]`` trains one and prints held-out accuracy.
+``python -m omni.eval.judge [--scenes N] [--out DIR]`` trains one and prints its accuracy on test-split scenes.
 """
 
 from __future__ import annotations
@@ -339,8 +339,7 @@ def train_judge(n_scenes: int = 600, seed: int = 0, cfg: JudgeConfig | None = No
     if n_scenes < 1:
         raise OmniError(f"n_scenes must be >= 1, got {n_scenes}")
     n_noise = n_scenes // 5 if n_noise is None else n_noise
-    scenes = [toy.scene(s, size=cfg.size, colors=cfg.colors, shapes=cfg.shapes)
-              for s in toy.scene_seeds(n_scenes, "train", seed)]
+    scenes = toy.scenes(n_scenes, "train", seed, size=cfg.size, colors=cfg.colors, shapes=cfg.shapes)
     x, y = _examples(scenes, noise_images(n_noise, cfg.size, seed), cfg, np.random.default_rng([seed, 5]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -366,23 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omni.eval.judge", description=__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=600, help="training scenes (default 600)")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--heldout", type=int, default=1000, help="held-out scenes to score (default 1000)")
+    ap.add_argument("--test", type=int, default=1000, help="test-split scenes to score (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder to save the judge into")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     judge = train_judge(args.scenes, args.seed, steps=args.steps, progress=True)
     print(f"trained on {args.scenes} scenes in {time.perf_counter() - t0:.1f}s")
-    seeds = toy.scene_seeds(args.heldout, "heldout", args.seed + 1)
-    held = [toy.scene(s) for s in seeds]
-    single = [toy.scene(s, n_objects=1) for s in seeds]
+    held = toy.scenes(args.test, "test", args.seed + 1)
+    single = toy.scenes(args.test, "test", args.seed + 1, n_objects=1)
     rng = np.random.default_rng([args.seed, 3])
-    print(f"held-out scenes, clean: {judge.evaluate(held)}")
-    print(f"held-out single-object scenes, clean: {judge.evaluate(single)['exact']:.4f}")
+    print(f"test scenes, clean: {judge.evaluate(held)}")
+    print(f"test single-object scenes, clean: {judge.evaluate(single)['exact']:.4f}")
     degraded = [sc.image for sc in held]
     dpred = judge.predict([degrade(im, rng).astype(np.uint8) for im in degraded])
     dright = np.mean([collections.Counter(p) == collections.Counter(sc.pairs) for p, sc in zip(dpred, held)])
-    print(f"held-out scenes, degraded: {dright:.4f}")
+    print(f"test scenes, degraded: {dright:.4f}")
     noise = noise_images(300, judge.config.size, args.seed + 1)
     print(f"noise images read as empty: {np.mean([p == [] for p in judge.predict(list(noise))]):.4f}")
     if args.out:

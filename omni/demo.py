@@ -13,8 +13,10 @@ The demo runs the project's real pipeline, stage by stage, into one folder ``DIR
 7. ``preprocess``: packed token datasets, one per sample kind (``DIR/tokens/KIND``).
 8. ``pretrain``: an OmniDecoder pretrained on their blend (``DIR/model``; resumes from its newest
    checkpoint, which is also written on SIGTERM).
-9. ``evaluate``: generations on held-out scenes, judged, into ``DIR/metrics.json`` and
-   ``DIR/index.html`` (caption to image, image to caption, text to speech, speech to text, stories).
+9. ``evaluate``: generations on the test split (scenes disjoint from training by content, and a
+   compositional set whose color-shape pairs no training sample shows), judged, into
+   ``DIR/metrics.json`` and ``DIR/index.html`` (caption to image, image to caption, text to
+   speech, speech to text, stories).
 
 ``DIR/demo_state.json`` records the finished stages: rerunning the same command after an
 interruption skips them and continues inside the stage that was cut off. The run's settings are
@@ -149,12 +151,13 @@ def _world(out: Path, cfg) -> None:
     from omni.toy import shapes
 
     d, w = out / "world", cfg.demo
-    # each kind draws its scenes from its own seed stream; all of them from the train split
+    # each kind draws its scenes from its own seed stream; all of them from the train split, which
+    # shares no scene (by content) with validation or test and no novel pair with any of them
+    world = dict(novel_pairs=w.pairs, size=w.canvas, grid=w.grid, order=w.order)
     for k, (kind, n) in enumerate(zip(KINDS, (w.caption_scenes, w.speech_scenes, w.story_scenes))):
-        shapes.write_shards(d / kind, n, "train", seed=k, kinds=[kind], scenes_per_shard=1000, size=w.canvas,
-                            grid=w.grid, order=w.order, resume=True)
+        shapes.write_shards(d / kind, n, "train", seed=k, kinds=[kind], scenes_per_shard=1000, resume=True, **world)
     lines = []
-    for sc in shapes.scenes(w.caption_scenes, "train", seed=0, size=w.canvas, grid=w.grid, order=w.order):
+    for sc in shapes.scenes(w.caption_scenes, "train", seed=0, **world):
         lines += [sc.caption, "draw " + ", then ".join(o.phrase for o in sc.objects) + "."]
     atomic_write_text(d / "text.txt", "\n".join(lines) + "\n")
 

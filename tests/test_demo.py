@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import signal
@@ -10,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 
 from conftest import run_cli
@@ -42,17 +46,38 @@ def small_demo(tmp_path_factory):
     return out, first, second
 
 
-def test_small_demo_writes_page_and_figures_above_chance(small_demo):
+# The small budget's test-split figures as the README reports them (`omni demo --budget small`,
+# 30 scenes), and how far below them a run may land: one scene is 3.3 points, and float reductions
+# that differ with the CPU and thread count flip a few greedy captions and sampled images; 15 points
+# (4-5 scenes) is well above such flips and well below a collapse to chance (chance is 3-23%).
+SMALL_BUDGET = {
+    ("image_to_caption", "attribute_accuracy"): 0.944,
+    ("caption_to_image", "correct"): 0.367,
+    ("speech_to_text", "attribute_accuracy"): 0.558,
+}
+MARGIN = 0.15
+
+
+def test_small_demo_writes_page_and_figures_near_the_readme(small_demo):
     out, _, printed = small_demo
     m = json.loads((out / "metrics.json").read_text())
-    assert m["budget"] == "small" and m["eval_scenes"] == 30
-    # each figure beats the same task answered for another scene of the held-out set
+    assert m["budget"] == "small" and m["split"] == "test" and m["eval_scenes"] == 30
+    for (task, key), readme in SMALL_BUDGET.items():
+        assert m[task][key] >= readme - MARGIN, (task, key, m[task][key], readme)
+    # the weaker tasks (README: 26% and 14%) and the compositional image to caption beat chance:
+    # the same task answered for another scene of the same set
     for task in ("image_to_caption", "speech_to_text"):
-        assert m[task]["attribute_accuracy"] > m[task]["chance_attribute_accuracy"] + 0.08, (task, m[task])
+        assert m[task]["attribute_accuracy"] > m[task]["chance_attribute_accuracy"] + 0.2, (task, m[task])
     tts = m["text_to_speech"]["roundtrip"]
     assert tts["attribute_accuracy"] > tts["chance_attribute_accuracy"], tts
-    assert m["caption_to_image"]["correct"] > m["caption_to_image"]["chance_correct"], m["caption_to_image"]
+    assert m["caption_to_image"]["correct"] > m["caption_to_image"]["chance_correct"] + 0.1, m["caption_to_image"]
     assert m["story"]["steps_correct"] > m["story"]["chance_steps_correct"], m["story"]
+    novel = m["compositional"]
+    assert novel["split"] == "compositional_test" and novel["scenes"] == 30
+    assert novel["novel_pairs"] == ["purple triangle", "green square"]
+    i2c = novel["image_to_caption"]
+    assert i2c["attribute_accuracy"] > i2c["chance_attribute_accuracy"], i2c
+    assert 0 <= i2c["novel_objects_named"] <= 1 and 0 <= novel["caption_to_image"]["novel_objects_drawn"] <= 1
     c2i = m["caption_to_image"]  # best of demo.image_rerank samples; the first sample is kept as a figure too
     assert c2i["rerank"] == 16 and c2i["correct"] >= c2i["correct_first_candidate"] - 0.1, c2i
     assert m["caption_to_image"]["judge_on_real_scenes"] >= 0.95  # the judge itself reads real scenes
@@ -62,15 +87,66 @@ def test_small_demo_writes_page_and_figures_above_chance(small_demo):
     assert f"{m['image_to_caption']['attribute_accuracy']:.1%}" in printed and "index.html" in printed
 
     page = (out / "index.html").read_text()
-    for task in ("caption to image", "image to caption", "text to speech", "speech to text", "story"):
+    for task in ("caption to image", "image to caption", "text to speech", "speech to text", "story",
+                 "novel pairs: caption to image", "novel pairs: image to caption"):
         assert f">{task}</h2>" in page, task
     assets = out / "index_assets"
     n_img, n_wav = len(list(assets.glob("*.png"))), len(list(assets.glob("*.wav")))
-    # 2 shown per task: caption->image (2 prompts' outputs) + image->caption (2 prompts) + stories
-    assert n_img >= 4 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
+    # 2 shown per task: caption->image and image->caption, on test and novel-pair scenes (8 images), + stories
+    assert n_img >= 8 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
     assert page.count("<img") == n_img and page.count("<audio") == n_wav
     cfg = (out / "config.yaml").read_text()
     assert "canvas: 32" in cfg and "steps: 1200" in cfg  # the resolved config, small budget included
+
+
+def test_no_evaluation_scene_or_novel_pair_occurs_in_training(small_demo):
+    """Held out by content: every training sample of the demo's shards is re-derived from the scene
+    seed in its key and checked (its images are that scene's pixels, its texts its caption or
+    story, its scene is of the train split and shows no novel pair); no evaluation scene's pixels
+    occur in any training image; no training text names a novel pair."""
+    import hashlib
+
+    from omni.config import load_config
+    from omni.eval.demo import DemoRunConfig
+    from omni.media import SkipReport, iter_samples
+    from omni.toy import shapes
+
+    out = small_demo[0]
+    w = load_config(DemoRunConfig, out / "config.yaml").demo
+    world = dict(size=w.canvas, grid=w.grid, order=w.order)
+    novel = set(w.pairs)
+    assert novel == {("purple", "triangle"), ("green", "square")}
+
+    def digest(a) -> str:
+        return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+    pixels, texts, n = set(), (out / "world" / "text.txt").read_text().splitlines(), collections.Counter()
+    for shard in sorted((out / "world").glob("*/*.tar")):
+        for sample in iter_samples(shard, SkipReport()):
+            split, seed, kind = sample["__key__"].rsplit("/", 1)[-1].split("-")
+            sc = shapes.scene(int(seed, 16), **world)
+            assert split == "train" and shapes.split_of(sc, w.pairs) == "train" and not set(sc.pairs) & novel
+            images = [np.asarray(PIL.Image.open(io.BytesIO(v)).convert("RGB")) for k, v in sorted(sample.items())
+                      if k.endswith("png")]
+            want = {"caption": [sc.image], "story": [sc.alone(i) for i in range(len(sc.objects))], "speech": []}[kind]
+            assert len(images) == len(want) and all((a == b).all() for a, b in zip(images, want)), sample["__key__"]
+            pixels.update(digest(a) for a in images)
+            texts += [v.decode() for k, v in sample.items() if k.endswith("txt")]
+            texts += [seg["text"] for k, v in sample.items() if k.endswith("json")
+                      for seg in json.loads(v)["segments"] if "text" in seg]
+            n[kind] += 1
+    assert n == {"caption": w.caption_scenes, "speech": w.speech_scenes, "story": w.story_scenes}
+    assert all(not set(shapes.parse_caption(t)) & novel for t in texts)
+    assert sum(len(shapes.parse_caption(t)) for t in texts) > 5000  # the texts were read
+    for split in ("validation", "test", "compositional_validation", "compositional_test"):
+        held = shapes.scenes(100, split, novel_pairs=w.pairs, **world)
+        assert not {digest(sc.image) for sc in held} & pixels, split
+    # nor does any novel object drawn alone anywhere on the canvas occur (the story images)
+    lo, hi = shapes._size_range(w.canvas)
+    alone = {digest(shapes._draw([(s, c, (x, y, side))], w.canvas)[0]) for c, s in novel
+             for side in range(lo, hi + 1, w.grid) for x in range(0, w.canvas - side + 1, w.grid)
+             for y in range(0, w.canvas - side + 1, w.grid) if side % w.grid == 0}
+    assert len(alone) > 100 and not alone & pixels
 
 
 def test_killed_demo_resumes_where_it_stopped(small_demo):
@@ -91,20 +167,27 @@ def test_finished_demo_reruns_in_seconds_and_refuses_other_settings(small_demo):
     rc, printed, _ = run_cli("demo", "--out", out, "--budget", "small", "--quiet")
     assert rc == 0 and printed.count("done already") == 9
     rc, _, err = run_cli("demo", "--out", out, "--budget", "default", "--quiet")
-    assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 800)" in err
+    assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 1600)" in err
 
 
 def test_eval_demo_suite_reproduces_the_demo_figures(small_demo, tmp_path):
     """`omni eval demo` is the demo's last stage as a suite: on the finished folder it gives the same
     figures (run as the demo runs, in a process of its own with the same threads)."""
     out, _, _ = small_demo
-    r = subprocess.run([sys.executable, "-m", "omni", "eval", "demo", "--checkpoint", str(out), "--out",
-                        str(tmp_path / "again")], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    first, again = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "again"))
+    def suite(dest, *overrides):
+        r = subprocess.run([sys.executable, "-m", "omni", "eval", "demo", "--checkpoint", str(out), "--out",
+                            str(dest), *overrides], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads((dest / "metrics.json").read_text())
+
+    first, again = json.loads((out / "metrics.json").read_text()), suite(tmp_path / "again", "demo.split=test")
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     assert (tmp_path / "again" / "index.html").is_file()
+    # by default the suite measures the validation split, where a recipe is tuned
+    val = suite(tmp_path / "val")
+    assert val["split"] == "validation" and val["compositional"]["split"] == "compositional_validation"
+    assert val["eval_scenes"] == 30 and val["image_to_caption"] != first["image_to_caption"]
     before = (out / "metrics.json").read_bytes()
     rc, _, err = run_cli("eval", "demo", "--checkpoint", out, "--out", out)
     assert rc == 2 and "is the demo folder itself" in err and (out / "metrics.json").read_bytes() == before
@@ -119,6 +202,10 @@ def test_bad_demo_settings_exit_2_naming_the_key(tmp_path):
     assert rc == 2 and "must equal tokenizer.image.model.image_size=32" in err
     rc, _, err = run_cli("demo", "--out", tmp_path / "c", "demo.nope=1")
     assert rc == 2 and "demo.nope" in err
+    rc, _, err = run_cli("demo", "--out", tmp_path / "d", "demo.novel_pairs=[pink star]")
+    assert rc == 2 and "demo.novel_pairs=['pink star'] is invalid: expected distinct '<color> <shape>' pairs" in err
+    rc, _, err = run_cli("eval", "demo", "--checkpoint", tmp_path, "demo.split=train")
+    assert rc == 2 and "demo.split='train' is invalid: expected one of 'validation', 'test'" in err
     rc, _, err = run_cli("demo", "--budget", "huge")
     assert rc == 2 and "invalid choice: 'huge'" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in "abd")

@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a toy any-to-any model end to end and show what it learned",
         description="Make a toy world (scenes of colored shapes, captions, espeak-ng speech, stories), "
         "train the text, image and audio tokenizers on it, preprocess, pretrain an OmniDecoder "
-        "(recipes/demo/default.yaml), then generate on held-out scenes and measure: DIR/index.html and "
-        f"DIR/metrics.json. Stages: {', '.join(STAGES)}. An interrupted demo resumes where it stopped "
-        "when the same command is run again.",
+        "(recipes/demo/default.yaml), then generate on test scenes (disjoint from training by content) "
+        f"and measure: DIR/index.html and DIR/metrics.json. Stages: {', '.join(STAGES)}. An interrupted "
+        "demo resumes where it stopped when the same command is run again.",
         formatter_class=Formatter,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")

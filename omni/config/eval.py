@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omni.config.base import check
+from omni.config.base import check, check_choice
 
 
 @dataclass
@@ -42,6 +42,18 @@ class AudioEvalConfig:
 
 
 @dataclass
+class DemoEvalConfig:
+    """The demo suite (`omni eval demo`): generations on one split of the toy world, judged."""
+
+    split: str = "validation"
+    """Scenes measured: 'validation' (with 'compositional_validation'), where a recipe is tuned, or
+    'test' (with 'compositional_test'), reported once; `omni demo` itself reports 'test'."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", ("validation", "test"))
+
+
+@dataclass
 class EvalConfig:
     """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
 
@@ -49,3 +61,5 @@ class EvalConfig:
     """The image-tokenizer suite."""
     audio: AudioEvalConfig = field(default_factory=AudioEvalConfig)
     """The audio-tokenizer suite."""
+    demo: DemoEvalConfig = field(default_factory=DemoEvalConfig)
+    """The demo suite."""

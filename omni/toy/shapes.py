@@ -15,11 +15,14 @@ scene carries
 * ``speech()``: the caption spoken by :func:`omni.toy.speech.synthesize`, with voice, speed and
   pitch drawn from the scene seed (same seed, same wave; the synthesizer caches).
 
-Same ``(seed, size, ...)``, same scene, in any process. :func:`scene_seeds` splits the space of
-scene seeds into train and held-out by a hash of the seed (as :mod:`omni.toy.speech` does for
-sentences), so a scene's split never depends on how many were asked for. With six colors and
-three shapes there are only 18 single objects: held-out scenes are new layouts, sizes and
-combinations, not new kinds of object.
+Same ``(seed, size, ...)``, same scene, in any process. Splits are disjoint by **content**, not
+by seed: :func:`split_of` reads a scene's canonical content (:func:`scene_key`: its sorted
+``(color, shape, left, top, side)`` objects), so a held-out scene never has the pixels of a
+training scene, and a scene's split never depends on how many were asked for. ``validation`` and
+``test`` hold new layouts and combinations of the 16 training objects (a one-object scene's
+caption, "a red circle", still occurs in training: six colors and three shapes make only 18
+objects). The compositional splits hold the scenes with a :data:`NOVEL_PAIRS` pair ("a purple
+triangle"), which no training image, caption, transcript or story shows.
 
 :func:`write_shards` writes WebDataset shards in the format of docs/data.md, kinds selectable:
 
@@ -33,7 +36,7 @@ combinations, not new kinds of object.
 For scoring generated text, :func:`parse_caption` reads ``(color, shape)`` pairs back out of a
 caption and :func:`caption_accuracy` compares predicted captions with the truth.
 
-``python -m omni.toy.shapes OUT_DIR --scenes N`` writes train and held-out shards and a few PNGs
+``python -m omni.toy.shapes OUT_DIR --scenes N`` writes shards of every split and a few PNGs
 (``OUT_DIR/preview/``) to look at.
 """
 
@@ -80,9 +83,6 @@ GAP = 2
 """Least empty pixels between two objects' boxes."""
 BACKGROUND = (255, 255, 255)
 """Canvas color (white)."""
-
-_HELDOUT_FRACTION = 0.1
-
 
 @dataclass(frozen=True)
 class Obj:
@@ -287,34 +287,81 @@ def scene(seed: int, n_objects: int | None = None, size: int = 64, colors: Itera
     return render(objs, seed=seed, size=size, grid=grid, order=order)
 
 
-def is_heldout(scene_seed: int, heldout_fraction: float = _HELDOUT_FRACTION) -> bool:
-    """Whether a scene seed belongs to the held-out split (a hash of the seed, never of a count)."""
-    h = int.from_bytes(hashlib.sha1(f"shapes:{int(scene_seed)}".encode()).digest()[:8], "big")
-    return (h % 10_000) < heldout_fraction * 10_000
+NOVEL_PAIRS: tuple[tuple[str, str], ...] = (("purple", "triangle"), ("green", "square"))
+"""(color, shape) pairs of the compositional splits: no scene of ``train`` holds one, so a model
+trained on it has seen purple and triangles, green and squares, but never these pairs together."""
+SPLITS = ("train", "validation", "test", "compositional_validation", "compositional_test")
+"""Scene splits, disjoint by content (:func:`split_of`)."""
+HELDOUT_FRACTION = 0.1
+"""Share of the scenes without a novel pair that go to ``validation``; as many go to ``test``."""
 
 
-def scene_seeds(n: int, split: str = "train", seed: int = 0) -> list[int]:
-    """The first ``n`` scene seeds of ``split`` ('train' or 'heldout') in the stream of ``seed``.
+def scene_key(sc: Scene) -> tuple:
+    """What a scene shows, canonicalized: ``(canvas side, sorted (color, shape, left, top, side) of its
+    objects)``. Two scenes with the same key have the same pixels (objects never overlap), whatever
+    their seeds or the order their caption names the objects in."""
+    return (int(sc.image.shape[0]),
+            tuple(sorted((o.color, o.shape, *p) for o, p in zip(sc.objects, sc.layout))))
 
-    The stream walks ``seed * 2**32 + k`` for k = 0, 1, ...; the split of each scene seed is fixed
-    by :func:`is_heldout`, so no scene is in both splits.
+
+def split_of(sc: Scene, novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) -> str:
+    """The split of a scene (:data:`SPLITS`), a function of its content alone.
+
+    A scene holding any of ``novel_pairs`` is ``compositional_validation`` or
+    ``compositional_test`` (half each); any other scene is ``validation`` or ``test``
+    (:data:`HELDOUT_FRACTION` each) or ``train``, by a hash of :func:`scene_key`. So every
+    held-out scene differs from every training scene in its pixels, and no training scene shows a
+    novel pair.
     """
-    if split not in ("train", "heldout"):
-        raise OmniError(f"split={split!r} is invalid: expected 'train' or 'heldout'")
-    if n < 0:
-        raise OmniError(f"number of scenes must be >= 0, got {n}")
-    out, k = [], 0
-    while len(out) < n:
-        s = int(seed) * 2**32 + k
-        if is_heldout(s) == (split == "heldout"):
-            out.append(s)
-        k += 1
-    return out
+    h = int.from_bytes(hashlib.sha1(repr(scene_key(sc)).encode()).digest()[:8], "big") % 10_000 / 10_000
+    novel = {tuple(p) for p in novel_pairs}
+    if any(p in novel for p in sc.pairs):
+        return "compositional_validation" if h < 0.5 else "compositional_test"
+    return "validation" if h < HELDOUT_FRACTION else "test" if h < 2 * HELDOUT_FRACTION else "train"
 
 
-def scenes(n: int, split: str = "train", seed: int = 0, **kwargs) -> list[Scene]:
-    """``n`` scenes of ``split`` (keyword arguments go to :func:`scene`)."""
-    return [scene(s, **kwargs) for s in scene_seeds(n, split, seed)]
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise OmniError(f"split={split!r} is invalid: choose from {', '.join(SPLITS)}")
+
+
+def scenes(n: int, split: str = "train", seed: int = 0, novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS,
+           unique: bool | None = None, **kwargs) -> list[Scene]:
+    """The first ``n`` scenes of ``split`` in the stream of ``seed`` (keyword arguments go to :func:`scene`).
+
+    The stream walks the scene seeds ``seed * 2**32 + k`` for k = 0, 1, ... and keeps the scenes
+    whose :func:`split_of` is ``split``; the same arguments give the same scenes, and a scene's
+    split never depends on ``n``. ``unique`` (default: for every split but ``train``) also skips a
+    scene whose content (:func:`scene_key`) came earlier in the stream, so an evaluation set counts
+    each scene once; training streams repeat one-object scenes (there are a few hundred).
+    """
+    _check_split(split)
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise OmniError(f"number of scenes must be an integer >= 0, got {n!r}")
+    unique = split != "train" if unique is None else unique
+    out: list[Scene] = []
+    seen: set = set()
+    for k in itertools.count():
+        if len(out) == n:
+            return out
+        if k > 1000 * (n + 10):
+            raise OmniError(f"found only {len(out)} of {n} distinct {split} scenes in the stream of seed {seed}; "
+                            "ask for fewer, or more objects per scene")
+        sc = scene(int(seed) * 2**32 + k, **kwargs)
+        if split_of(sc, novel_pairs) != split:
+            continue
+        if unique:
+            key = scene_key(sc)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(sc)
+    return out  # pragma: no cover - the loop returns
+
+
+def scene_seeds(n: int, split: str = "train", seed: int = 0, **kwargs) -> list[int]:
+    """The seeds of :func:`scenes` (same arguments): ``scene(s, **kwargs)`` redraws each."""
+    return [sc.seed for sc in scenes(n, split, seed, **kwargs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +485,8 @@ def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int 
 def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", seed: int = 0,
                  kinds: Sequence[str] = KINDS, scenes_per_shard: int = 1000, size: int = 64,
                  sample_rate: int = 16000, resume: bool = False, grid: int = 1,
-                 order: str = "left_to_right") -> list[Path]:
-    """Write ``n_scenes`` scenes of ``split`` as ``out/shapes-SPLIT-000.tar`` ... (WebDataset).
+                 order: str = "left_to_right", novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) -> list[Path]:
+    """Write the first ``n_scenes`` scenes of ``split`` (:func:`scenes`) as ``out/shapes-SPLIT-000.tar`` ... (WebDataset).
 
     Each scene gives one sample per kind in ``kinds`` (see :data:`KINDS`), keys
     ``SPLIT-<scene seed in hex>-KIND``. Each shard is written to a temp file and renamed, so a
@@ -458,11 +505,11 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     _check_size(size)
     _check_grid(grid, size)
     _check_order(order)
-    seeds = scene_seeds(n_scenes, split, seed)
+    todo = scenes(n_scenes, split, seed, novel_pairs, size=size, grid=grid, order=order)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
-    for j, first in enumerate(range(0, len(seeds), scenes_per_shard)):
+    for j, first in enumerate(range(0, len(todo), scenes_per_shard)):
         path = d / f"shapes-{split}-{j:03d}.tar"
         tmp = d / f".{path.name}.tmp"
         paths.append(path)
@@ -470,8 +517,8 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
             continue
         try:
             with wds.TarWriter(str(tmp)) as w:
-                for s in seeds[first : first + scenes_per_shard]:
-                    for sample in samples(scene(s, size=size, grid=grid, order=order), f"{split}-{s:x}", kinds, sample_rate):
+                for sc in todo[first : first + scenes_per_shard]:
+                    for sample in samples(sc, f"{split}-{sc.seed:x}", kinds, sample_rate):
                         w.write(sample)
             os.replace(tmp, path)
         finally:
@@ -484,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omni.toy.shapes", description=__doc__.split("\n")[0])
     ap.add_argument("out", help="folder to write shards into")
     ap.add_argument("--scenes", type=int, default=1000, help="training scenes (default 1000)")
-    ap.add_argument("--heldout", type=int, default=None, help="held-out scenes (default: a tenth of --scenes)")
+    ap.add_argument("--heldout", type=int, default=None,
+                    help="scenes of each held-out split, validation, test and the compositional ones "
+                         "(default: a tenth of --scenes)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated sample kinds ({', '.join(KINDS)})")
     ap.add_argument("--size", type=int, default=64, help="canvas side in pixels (default 64)")
     ap.add_argument("--per-shard", type=int, default=1000, help="scenes per shard (default 1000)")
@@ -495,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     n_heldout = max(1, args.scenes // 10) if args.heldout is None else args.heldout
     try:
         counts = {}
-        for split, n in (("train", args.scenes), ("heldout", n_heldout)):
+        for split in SPLITS:
+            n = args.scenes if split == "train" else n_heldout
             counts[split] = len(write_shards(args.out, n, split, args.seed, kinds, args.per_shard, args.size))
         preview = Path(args.out) / "preview"
         preview.mkdir(parents=True, exist_ok=True)
@@ -506,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     except OmniError as e:
         print(f"python -m omni.toy.shapes: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.scenes} train scenes ({counts['train']} shards) and {n_heldout} held-out scenes "
-          f"({counts['heldout']} shards) of kinds {', '.join(kinds)} to {args.out}")
+    print(f"wrote {args.scenes} train scenes and {n_heldout} of each of {', '.join(SPLITS[1:])} "
+          f"({sum(counts.values())} shards) of kinds {', '.join(kinds)} to {args.out}")
     return 0
 
 

@@ -95,13 +95,37 @@ def test_boxes_lie_inside_the_canvas_and_match_the_drawn_pixels():
                             or a.box[3] + toy.GAP <= b.box[1] or b.box[3] + toy.GAP <= a.box[1])
 
 
-def test_split_is_fixed_by_a_hash_of_the_scene_seed():
-    train, held = toy.scene_seeds(400, "train"), toy.scene_seeds(40, "heldout")
-    assert not set(train) & set(held)
-    assert toy.scene_seeds(50, "train") == train[:50]  # a seed's split never depends on the count
-    assert all(toy.is_heldout(s) for s in held) and not any(toy.is_heldout(s) for s in train)
-    assert 0.05 < 40 / (max(held) + 1) < 0.2  # about a tenth of the stream is held out
-    assert not set(toy.scene_seeds(20, "train", seed=1)) & set(train)  # another stream, other scenes
+def test_splits_are_disjoint_by_content_and_fixed_by_it():
+    world = dict(size=32, grid=4)  # the demo's world: few distinct objects, so content repeats often
+    by_split = {sp: toy.scenes(150, sp, **world) for sp in toy.SPLITS}
+    keys = {sp: {toy.scene_key(sc) for sc in scs} for sp, scs in by_split.items()}
+    for a in toy.SPLITS:
+        assert all(toy.split_of(sc) == a for sc in by_split[a])
+        for b in toy.SPLITS:
+            assert a == b or not keys[a] & keys[b], (a, b)
+    # evaluation sets count a scene once; training streams repeat one-object scenes
+    ones = {sp: [toy.scene_key(sc) for sc in toy.scenes(120, sp, n_objects=1, **world)] for sp in ("train", "test")}
+    assert len(set(ones["test"])) == 120 and len(set(ones["train"])) < 120
+    novel = set(toy.NOVEL_PAIRS)
+    for sp, scs in by_split.items():
+        assert all(bool(set(sc.pairs) & novel) == sp.startswith("compositional") for sc in scs), sp
+    # a scene's split never depends on the count, nor on its seed: same content, same split
+    assert [sc.seed for sc in toy.scenes(40, "train", **world)] == [sc.seed for sc in by_split["train"][:40]]
+    seen: dict = {}
+    for k in range(3000):
+        sc = toy.scene(k, n_objects=1, **world)
+        key = toy.scene_key(sc)
+        if key in seen:
+            assert toy.split_of(sc) == seen[key][0] and (sc.image == seen[key][1]).all()  # same key, same pixels
+        seen[key] = (toy.split_of(sc), sc.image)
+    assert len({k for k, (sp, _) in seen.items() if sp == "test"}) > 50  # one-object test scenes exist
+    # about a tenth of the novel-free scenes is validation, a tenth test
+    share = collections.Counter(toy.split_of(toy.scene(k)) for k in range(2000))
+    assert 0.06 < share["test"] / 2000 < 0.14 and 0.06 < share["validation"] / 2000 < 0.14
+    # other novel pairs move other scenes out of training
+    mine = [("red", "circle")]
+    assert all(("red", "circle") not in sc.pairs for sc in toy.scenes(100, "train", novel_pairs=mine, **world))
+    assert all(("red", "circle") in sc.pairs for sc in toy.scenes(20, "compositional_test", novel_pairs=mine, **world))
 
 
 def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
@@ -123,7 +147,7 @@ def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
                    "precision": 3 / 6, "recall": 3 / 5,
                    # one-to-one matching: 1, green right of (green, triangle), one of two slots, color wrong
                    "attributes": (1 + 1 / 2 + 2 / 4 + 1 / 2) / 4}
-    scenes = toy.scenes(10, "heldout")
+    scenes = toy.scenes(10, "test")
     assert toy.caption_accuracy([sc.caption for sc in scenes], scenes)["exact"] == 1.0
     with pytest.raises(OmniError, match="2 predicted captions for 1 scenes"):
         toy.caption_accuracy(["a", "b"], ["a red circle"])
@@ -158,10 +182,10 @@ def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, r
     for s in by_kind["spoken"]:
         assert [type(x) for x in parse_sample(s).doc.segments] == [Audio, Image]
 
-    # only the kinds asked for; held-out shards hold other scenes
-    held = toy.write_shards(tmp_path / "held", 2, "heldout", kinds=["caption"])
+    # only the kinds asked for; test shards hold the test split's scenes
+    held = toy.write_shards(tmp_path / "held", 2, "test", kinds=["caption"])
     keys = [s["__key__"] for s in _grouped(held[0])]
-    assert keys == [f"heldout-{s:x}-caption" for s in toy.scene_seeds(2, "heldout")]
+    assert keys == [f"test-{s:x}-caption" for s in toy.scene_seeds(2, "test")]
 
     bundle = real_tokenizer.save(tmp_path / "bundle")
     rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle,
@@ -178,7 +202,7 @@ def test_command_line_writes_shards_and_previews(tmp_path):
     assert toy.main([str(tmp_path / "out"), "--scenes", "3", "--heldout", "1", "--kinds", "caption,story",
                      "--preview", "2"]) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("*.tar")) == ["shapes-heldout-000.tar", "shapes-train-000.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(f"shapes-{sp}-000.tar" for sp in toy.SPLITS)
     assert len(list((out / "preview").glob("*.png"))) == 2
     assert len(_grouped(out / "shapes-train-000.tar")) == 6
     assert toy.main([str(tmp_path / "bad"), "--scenes", "2", "--kinds", "caption,video"]) == 2
@@ -194,7 +218,9 @@ def test_command_line_writes_shards_and_previews(tmp_path):
     (lambda: toy.render([("red", "circle")] * 4), "a scene has 1 to 3 objects, asked for 4"),
     (lambda: toy.scene(0, size=16), "canvas size 16 is too small: expected an integer >= 32"),
     (lambda: toy.scene(-1), "seed -1 is invalid"),
-    (lambda: toy.scene_seeds(3, "test"), "split='test' is invalid: expected 'train' or 'heldout'"),
+    (lambda: toy.scene_seeds(3, "heldout"), "split='heldout' is invalid: choose from train, validation, test, "
+                                            "compositional_validation, compositional_test"),
+    (lambda: toy.scenes(-1), "number of scenes must be an integer >= 0, got -1"),
     (lambda: toy.write_shards("/nonexistent-never", 1, kinds=["video"]), "unknown sample kind 'video'; choose from caption"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, message):
