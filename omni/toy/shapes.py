@@ -313,11 +313,22 @@ def split_of(sc: Scene, novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) ->
     held-out scene differs from every training scene in its pixels, and no training scene shows a
     novel pair.
     """
-    h = int.from_bytes(hashlib.sha1(repr(scene_key(sc)).encode()).digest()[:8], "big") % 10_000 / 10_000
+    return _split_of_key(scene_key(sc), novel_pairs)
+
+
+def _split_of_key(key: tuple, novel_pairs: Sequence[tuple[str, str]]) -> str:
+    h = int.from_bytes(hashlib.sha1(repr(key).encode()).digest()[:8], "big") % 10_000 / 10_000
     novel = {tuple(p) for p in novel_pairs}
-    if any(p in novel for p in sc.pairs):
+    if any((color, shape) in novel for color, shape, *_ in key[1]):
         return "compositional_validation" if h < 0.5 else "compositional_test"
     return "validation" if h < HELDOUT_FRACTION else "test" if h < 2 * HELDOUT_FRACTION else "train"
+
+
+def parts_split(sc: Scene, novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) -> set[str]:
+    """The splits of the scene's objects drawn alone (:meth:`Scene.alone`, a story's pictures): each
+    is a one-object scene with a split of its own."""
+    size, objs = scene_key(sc)
+    return {_split_of_key((size, (o,)), novel_pairs) for o in objs}
 
 
 def _check_split(split: str) -> None:
@@ -326,7 +337,7 @@ def _check_split(split: str) -> None:
 
 
 def scenes(n: int, split: str = "train", seed: int = 0, novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS,
-           unique: bool | None = None, **kwargs) -> list[Scene]:
+           unique: bool | None = None, parts: bool = False, **kwargs) -> list[Scene]:
     """The first ``n`` scenes of ``split`` in the stream of ``seed`` (keyword arguments go to :func:`scene`).
 
     The stream walks the scene seeds ``seed * 2**32 + k`` for k = 0, 1, ... and keeps the scenes
@@ -334,6 +345,8 @@ def scenes(n: int, split: str = "train", seed: int = 0, novel_pairs: Sequence[tu
     split never depends on ``n``. ``unique`` (default: for every split but ``train``) also skips a
     scene whose content (:func:`scene_key`) came earlier in the stream, so an evaluation set counts
     each scene once; training streams repeat one-object scenes (there are a few hundred).
+    ``parts``: also keep only scenes whose objects drawn alone are of ``split`` too
+    (:func:`parts_split`), so a story's one-object pictures never show a held-out scene.
     """
     _check_split(split)
     if not isinstance(n, (int, np.integer)) or n < 0:
@@ -348,7 +361,7 @@ def scenes(n: int, split: str = "train", seed: int = 0, novel_pairs: Sequence[tu
             raise OmniError(f"found only {len(out)} of {n} distinct {split} scenes in the stream of seed {seed}; "
                             "ask for fewer, or more objects per scene")
         sc = scene(int(seed) * 2**32 + k, **kwargs)
-        if split_of(sc, novel_pairs) != split:
+        if split_of(sc, novel_pairs) != split or (parts and parts_split(sc, novel_pairs) != {split}):
             continue
         if unique:
             key = scene_key(sc)
@@ -486,7 +499,8 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
                  kinds: Sequence[str] = KINDS, scenes_per_shard: int = 1000, size: int = 64,
                  sample_rate: int = 16000, resume: bool = False, grid: int = 1,
                  order: str = "left_to_right", novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) -> list[Path]:
-    """Write the first ``n_scenes`` scenes of ``split`` (:func:`scenes`) as ``out/shapes-SPLIT-000.tar`` ... (WebDataset).
+    """Write the first ``n_scenes`` scenes of ``split`` (:func:`scenes`; with ``story`` among the
+    training kinds, those whose objects alone are training scenes too) as ``out/shapes-SPLIT-000.tar`` ...
 
     Each scene gives one sample per kind in ``kinds`` (see :data:`KINDS`), keys
     ``SPLIT-<scene seed in hex>-KIND``. Each shard is written to a temp file and renamed, so a
@@ -505,7 +519,9 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     _check_size(size)
     _check_grid(grid, size)
     _check_order(order)
-    todo = scenes(n_scenes, split, seed, novel_pairs, size=size, grid=grid, order=order)
+    # a story shows each object alone: in training, those pictures must be training scenes too
+    todo = scenes(n_scenes, split, seed, novel_pairs, parts="story" in kinds and split == "train", size=size,
+                  grid=grid, order=order)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
