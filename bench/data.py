@@ -1,6 +1,6 @@
 """Data pipeline throughput: preprocess with 1 vs 2 worker processes, and the loader next to what the ~20M decoder eats.
 
-    nice -n 19 .venv/bin/python bench/data.py [--samples 10800] [--rounds 1] [--seq-len 1024]
+    nice -n 19 .venv/bin/python bench/data.py [--samples 21600] [--rounds 1] [--seq-len 1024]
 
 1. Preprocess scaling. Shards of real offline data (scikit-image photos with captions, espeak-ng
    speech with transcripts, Python's pydoc text; the three kinds interleaved in every shard, an
@@ -118,11 +118,11 @@ def children_cpu() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=10800,
-                    help="samples to preprocess per run (default 10800: worker start-up (~4 s) under 5%% of the 2-worker "
-                         "run on this 2-core host; about 4 min with --rounds 1)")
+    ap.add_argument("--samples", type=int, default=21600,
+                    help="samples to preprocess per run (default 21600: worker start-up (~5 s) under 5%% of the 2-worker "
+                         "run on this 2-core host, where 10800 samples took 58 s (8.6%%); about 6 min with --rounds 1)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="interleaved preprocess rounds (default 1: a round is ~4 min at the default size; "
+                    help="interleaved preprocess rounds (default 1: a round is ~6 min at the default size; "
                          "3 give a spread)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3, help="interleaved loader / decoder-step rounds (default 3)")

@@ -122,6 +122,9 @@ def test_splits_are_disjoint_by_content_and_fixed_by_it():
     # about a tenth of the novel-free scenes is validation, a tenth test
     share = collections.Counter(toy.split_of(toy.scene(k)) for k in range(2000))
     assert 0.06 < share["test"] / 2000 < 0.14 and 0.06 < share["validation"] / 2000 < 0.14
+    # a story shows each object alone: its training scenes' objects alone are training scenes too
+    assert any(toy.parts_split(sc) != {"train"} for sc in by_split["train"])
+    assert all(toy.parts_split(sc) == {"train"} for sc in toy.scenes(100, "train", parts=True, **world))
     # other novel pairs move other scenes out of training
     mine = [("red", "circle")]
     assert all(("red", "circle") not in sc.pairs for sc in toy.scenes(100, "train", novel_pairs=mine, **world))
