@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     header(__doc__.split("\n")[0], args)
 
     from omni.demo import demo_config
+    from omni.eval.demo import reconstructed_correct
     from omni.eval.judge import Judge
     from omni.eval.tokenizers import ImageEvaluator
     from omni.tokenizers.image_train import train_image_tokenizer
@@ -56,12 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t
         for split in ("validation", "compositional_validation"):
             scenes = shapes.scenes(args.scenes, split, **world)
-            x = torch.stack([torch.from_numpy(sc.image).permute(2, 0, 1).float() / 255 for sc in scenes])  # [B,3,H,W]
+            ok = reconstructed_correct(tok, judge, scenes)
             with torch.no_grad():
-                codes = tok.encode(x)  # [B,h,w]
-                rec = tok.decode(codes)  # [B,3,H,W] in [0,1]
-            ok = [judge.correct((r * 255).round().byte().permute(1, 2, 0).numpy(), sc.caption)
-                  for r, sc in zip(rec, scenes)]
+                codes = tok.encode(torch.stack([torch.from_numpy(sc.image).permute(2, 0, 1).float() / 255
+                                                for sc in scenes]))  # [B,h,w]
             by_n = [np.mean([o for o, sc in zip(ok, scenes) if len(sc.objects) == n]) for n in (1, 2, 3)]
             rows.append([name, split, f"{np.mean(ok):.1%}", *(f"{v:.1%}" for v in by_n),
                          int(codes.unique().numel()), f"{seconds:.0f}"])

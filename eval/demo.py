@@ -181,8 +181,6 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     ``out``); returns the metrics. ``seconds``: what each stage of the run took."""
     import dataclasses
 
-    import torch
-
     from omni.checkpoint import load
     from omni.document import Audio, Document, Image, Text
     from omni.eval.judge import Judge
@@ -209,12 +207,6 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     def blank_or(docs):
         return [_to_uint8(m[0]) if m else np.full((w.canvas, w.canvas, 3), 255, np.uint8) for m in _media(docs, Image)]
 
-    def reconstruct(scs):
-        x = torch.stack([torch.from_numpy(sc.image).permute(2, 0, 1).float() / 255 for sc in scs])  # [B,3,H,W]
-        with torch.no_grad():
-            rec = tok.image.decode(tok.image.encode(x))  # [B,3,H,W] in [0,1]
-        return [(r * 255).round().byte().permute(1, 2, 0).numpy() for r in rec]
-
     def to_caption(scs, novel=False):
         """image -> caption: (generated documents, metrics)."""
         docs = run([Document([Image(sc.image)]) for sc in scs], **only_text)
@@ -235,7 +227,7 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
              "chance_correct": float(np.mean([judge.correct(o.image, c) for o, c in zip(_roll(scs), caps)])),
              "judge_on_real_scenes": judge.evaluate(scs)["exact"],
              # the ceiling the image tokenizer sets: the judge on its encode -> decode of the real scenes
-             "judge_on_reconstructions": float(np.mean([judge.correct(im, c) for im, c in zip(reconstruct(scs), caps)]))}
+             "judge_on_reconstructions": float(np.mean(reconstructed_correct(tok.image, judge, scs)))}
         if novel:  # the novel-pair objects the judge sees in the images
             m["novel_objects_drawn"] = _novel_share(seen, scs, w.pairs)
         return docs, m
@@ -320,6 +312,17 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     write_page(entries, dest / "index.html", title="omni demo", labels=labels, summary=table)
     atomic_write_text(dest / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def reconstructed_correct(image_tokenizer, judge, scenes) -> list[bool]:
+    """Per scene, whether the judge reads exactly its caption in the image tokenizer's encode ->
+    decode of its real image: the ceiling the tokenizer sets on caption to image."""
+    import torch
+
+    x = torch.stack([torch.from_numpy(sc.image).permute(2, 0, 1).float() / 255 for sc in scenes])  # [B,3,H,W]
+    with torch.no_grad():
+        rec = image_tokenizer.decode(image_tokenizer.encode(x))  # [B,3,H,W] in [0,1]
+    return [judge.correct((r * 255).round().byte().permute(1, 2, 0).numpy(), sc.caption) for r, sc in zip(rec, scenes)]
 
 
 def _novel_share(seen: list[list[tuple[str, str]]], scenes, pairs) -> float:
