@@ -72,3 +72,20 @@ def read_json(path: str | os.PathLike, missing: str, format_version: int | None 
     if format_version is not None and data.get("format") != format_version:
         raise OmniError(f"{path}: unsupported {what} format {data.get('format')!r} (this omni reads {format_version})")
     return data
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` (and its parents) and write a probe file in it, so an output that cannot be
+    written fails in one line (OmniError naming ``what`` and the reason) before any work starts."""
+    from omni.errors import OmniError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise OmniError(f"{what}: cannot write into {folder}: {reason}"
+                        f"{f' ({e.filename})' if e.filename and str(e.filename) != str(folder) else ''}") from None
+    return folder

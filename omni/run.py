@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -160,11 +161,11 @@ class MetricsLog:
     every rank but the first. Rows logged after ``resume_step`` are dropped when it opens."""
 
     def __init__(self, out: str | os.PathLike, resume_step: int = 0, tensorboard: bool = False,
-                 enabled: bool = True):
+                 enabled: bool = True, wandb: dict | None = None):
         out = Path(out)
         self.path = out / METRICS
         self.enabled = enabled
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+        if wandb is not None:
+            self.wandb = _wandb_run(out, **wandb)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -186,16 +189,39 @@ class MetricsLog:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k.replace("loss_", "loss/"), v, row["step"])
+        if self.wandb is not None and "step" in row:
+            self.wandb.log({k.replace("loss_", "loss/"): v for k, v in row.items()
+                            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                           step=row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wandb_run(out: Path, project: str, entity: str = "", mode: str = "offline", name: str = "",
+               config: dict | None = None):
+    """A W&B run writing under ``OUT/wandb``; its id is derived from the run folder, so a resumed
+    run continues the same W&B run (``resume="allow"``)."""
+    import hashlib
+
+    try:
+        import wandb
+    except ImportError:
+        raise OmniError("train.wandb.enabled=true needs the wandb package: pip install 'omni[wandb]' "
+                        "(or set train.wandb.enabled=false)") from None
+    run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=project, entity=entity or None, mode=mode, dir=str(out), id=run_id,
+                      resume="allow", name=name or out.name, config=config or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +260,9 @@ def write_checkpoint(out: str | os.PathLike, step: int, fill: Callable[[Path], N
     atomic_write_text(tmp / TRAINER_STATE, json.dumps(state) + "\n")
     if config is not None:
         save_run_config(config, tmp)
-    sums = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    # (a checksums.json that ``fill`` wrote, the inference checkpoint's own, is replaced by this one)
+    sums = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.relative_to(tmp) != Path(CHECKSUMS)}
     atomic_write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
@@ -290,10 +318,21 @@ def find_resume(out: str | os.PathLike, resume: str) -> Path | None:
         return None
     if resume != "auto":
         p = Path(resume)
+        if p.is_dir() and not (p / CHECKSUMS).exists() and list_checkpoints(p):
+            found = newest_intact(p)  # a run folder: its newest intact step
+            print(f"resuming from {found} (the newest intact checkpoint of the run folder {p})", file=sys.stderr)
+            return found
         problem = verify(p) if p.is_dir() else "no such folder"
         if problem:
             raise OmniError(f"cannot resume from {p}: {problem}")
         return p
+    return newest_intact(out)
+
+
+def newest_intact(out: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of run folder ``out`` whose checksums match (None when it has none at
+    all). Broken ones are passed over with a warning; a folder whose checkpoints are all broken is
+    refused (OmniError naming each and why)."""
     broken = []
     for _, p in reversed(list_checkpoints(out)):
         problem = verify(p)

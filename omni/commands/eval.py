@@ -63,7 +63,8 @@ def alias(suite: str, section: str, args) -> int:
 
     from omni.eval.tokenizers import write_json
 
-    m = run_suite(suite, args.tokenizer, args.data, [f"{section}.{o}" for o in args.overrides])
+    full = [o if o.startswith(section + ".") else f"{section}.{o}" for o in args.overrides]  # both forms
+    m = run_suite(suite, args.tokenizer, args.data, full)
     if args.out:
         write_json(m, args.out)
     print(json.dumps(m, indent=1))

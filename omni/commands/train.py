@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the decoder on preprocessed token datasets",
         description="Train OmniDecoder on the token datasets of data.paths (made with the bundle "
         "data.tokenizer). Checkpoints go to train.out/step_*/ every train.save_every steps, at the "
-        "end, and on SIGTERM/SIGUSR1; rerunning the same command resumes from the newest intact one. "
+        "end, and on SIGTERM/SIGUSR1/Ctrl-C (a second Ctrl-C aborts without saving); rerunning the same command resumes from the newest intact one. "
         "Under torchrun every rank runs this command (torchrun --nproc_per_node N -m omni train ...).",
         epilog=help_text(RunConfig),
         formatter_class=Formatter,
@@ -42,4 +42,5 @@ def _train(args) -> int:
     if summary["stopped_by"] is None and os.environ.get("RANK", "0") == "0":
         print(f"trained to step {summary['step']} ({summary['skipped_steps']} skipped); "
               f"checkpoint {summary['checkpoint']}")
-    return 0
+    # Ctrl-C saved a checkpoint, but the user interrupted: the shell's code for it, so `a && b` stops
+    return 130 if summary["stopped_by"] == "SIGINT" else 0

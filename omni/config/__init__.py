@@ -24,7 +24,7 @@ from omni.config.data import DataConfig, PreprocessConfig
 from omni.config.generate import GenerateConfig, SamplingConfig
 from omni.config.model import ModelConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
-from omni.config.train import LossWeights, ParallelConfig, TrainConfig
+from omni.config.train import LossWeights, ParallelConfig, TrainConfig, WandbConfig
 
 
 @dataclass
@@ -49,13 +49,32 @@ class RunConfig:
     """Sampling and stopping of `omni generate`."""
 
 
+def check_run(cfg: RunConfig) -> None:
+    """The checks that span sections of a RunConfig (each section checks its own keys); training
+    calls this before it starts anything."""
+    from omni.errors import ConfigError
+
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}: "
+                          f"the model has positions for {cfg.model.max_seq_len} tokens; lower data.seq_len or "
+                          "raise model.max_seq_len")
+    if cfg.train.eval_every and not cfg.data.eval_paths:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out token datasets: set "
+                          "data.eval_paths=[DIR,...] (or train.eval_every=0)")
+
+
 def load_section(section: str, recipe=None, overrides=(), cls=None):
-    """Load ``recipe`` (a RunConfig YAML) with ``overrides`` relative to ``section`` and return it.
+    """Load ``recipe`` (a RunConfig YAML) with ``overrides`` and return its ``section``.
+
+    Override keys are relative to ``section`` or full dotted keys from the recipe's root.
 
     ``load_section("tokenizer.text", "recipes/tokenizers/text.yaml", ["vocab_size=4000"])`` gives
     the TextTokenizerConfig of that recipe with vocab_size changed. Error messages name full keys.
     """
-    cfg = load_config(cls or RunConfig, recipe, overrides=[f"{section}.{o}" for o in overrides])
+    # a key may be written relative to the section (`text.temperature=0`) or in full, from the
+    # root of the recipe (`generate.text.temperature=0`); both name the same field
+    full = [o if o.startswith(section + ".") else f"{section}.{o}" for o in overrides]
+    cfg = load_config(cls or RunConfig, recipe, overrides=full)
     for part in section.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -97,8 +116,10 @@ __all__ = [
     "RunConfig",
     "TextTokenizerConfig",
     "TokenizerConfig",
+    "WandbConfig",
     "check",
     "check_choice",
+    "check_run",
     "describe",
     "field_docs",
     "help_text",

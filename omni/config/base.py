@@ -146,9 +146,13 @@ def _omegaconf_message(e: Exception, cls: type) -> str:
             owner = _dataclass_type(_hints(owner).get(part)) or owner
         valid = [f.name for f in dataclasses.fields(owner)]
         close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        # the full dotted key: it works from the root of every command (`generate.max_new_tokens`)
+        hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
         where = f" under '{parent}'" if parent else ""
         return f"unknown config key '{key}'.{hint} Valid keys{where}: {', '.join(valid)}"
+    if key and "is not a ListConfig" in msg:
+        # OmegaConf's "AnyNode is not a ListConfig, TupleConfig, list, or tuple": a list field got a scalar
+        return f"{key} must be a list: {key}=[a,b] (or {key}=[a] for one item)"
     return f"config key '{key}': {msg}" if key else msg
 
 

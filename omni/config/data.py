@@ -42,6 +42,8 @@ class DataConfig:
     """Token dataset folders."""
     weights: list[float] = field(default_factory=list)
     """Blend weight of each path (empty: equal weights); normalized to sum to 1."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out token dataset folders for validation (train.eval_every); none may also be in paths."""
     seq_len: int = 2048
     """Tokens per packed training sequence (inputs; the labels are shifted by one)."""
     seed: int = 1234
@@ -51,6 +53,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 8, "seq_len", self.seq_len, ">= 8")
+        both = sorted(set(self.paths) & set(self.eval_paths))
+        check(not both, "eval_paths", self.eval_paths, f"folders not in data.paths (held out), but {both} are in both")
         if self.weights:
             check(len(self.weights) == len(self.paths), "weights", self.weights,
                   f"one weight per path ({len(self.paths)} paths)")

@@ -25,6 +25,23 @@ class LossWeights:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging, next to metrics.jsonl and TensorBoard (the optional `wandb` extra)."""
+
+    enabled: bool = False
+    """Log every metrics row to a W&B run (rank 0 only)."""
+    project: str = "omni"
+    """W&B project name."""
+    entity: str = ""
+    """W&B team or user ('' = the account's default)."""
+    mode: str = "offline"
+    """'offline' (written under OUT/wandb, sync later with `wandb sync`; needs no network) or 'online'."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, "mode", ("offline", "online"))
+
+
+@dataclass
 class TrainConfig:
     """The training loop: stage, optimizer, schedule, precision, checkpoints and logging."""
 
@@ -76,6 +93,16 @@ class TrainConfig:
     """Also write TensorBoard event files to OUT/tensorboard."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device, for the MFU estimate (0: MFU not reported)."""
+    eval_every: int = 0
+    """Measure the validation loss on data.eval_paths every this many steps and at the end (0: never)."""
+    eval_batches: int = 4
+    """Micro-batches per process in one validation (the same sequences every time, so the figures compare)."""
+    init_from: str = ""
+    """Start from this checkpoint's weights (a checkpoint folder or a run folder, whose newest intact
+    step is taken) with a fresh optimizer, schedule and data stream at step 0: fine-tuning. Once the
+    run has checkpoints of its own, --resume auto continues from those instead."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Optional Weights & Biases logging."""
 
     def __post_init__(self) -> None:
         check_choice(self.stage, "stage", ("pretrain", "sft"))
@@ -98,6 +125,8 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", self.keep_last, ">= 1")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         check(self.peak_flops >= 0, "peak_flops", self.peak_flops, ">= 0")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0 (0: no validation)")
+        check(self.eval_batches >= 1, "eval_batches", self.eval_batches, ">= 1")
 
 
 @dataclass

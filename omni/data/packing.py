@@ -43,8 +43,15 @@ class TokenDataset:
         self.manifest = json.loads(mpath.read_text())
         if tokenizer is not None:
             tokenizer.check_compatible(self.manifest["tokenizer"], what=f"the token dataset {self.path}")
+        totals = self.manifest["totals"]
+        if not totals.get("documents"):
+            skipped = ", ".join(f"{n} {r}" for r, n in totals.get("skipped", {}).items()) or "none"
+            raise OmniError(f"token dataset {self.path} holds no documents ({totals.get('samples', 0)} samples "
+                            f"read, skipped: {skipped}); remove it from data.paths or preprocess other shards")
         self.tokens, self.masks = [], []
         for entry in self.manifest["shards"]:
+            if not entry["documents"]:  # an empty .bin cannot be memory-mapped; it adds nothing anyway
+                continue
             prefix = self.path / "shards" / entry["name"]
             self.tokens.append(IndexedDataset(str(prefix)))
             self.masks.append(IndexedDataset(str(prefix) + ".mask"))

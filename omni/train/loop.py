@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from omni.config import RunConfig
+from omni.config import RunConfig, to_dict
 from omni.errors import OmniError
 from omni.parallel.dist import (
     DistInfo,
@@ -37,6 +39,7 @@ from omni.run import (
     MetricsLog,
     discard_checkpoints,
     find_resume,
+    list_checkpoints,
     lr_at,
     prune,
     save_run_config,
@@ -48,10 +51,14 @@ from omni.vocab import MODALITY_NAMES
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it between steps."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checks it between steps. A second Ctrl-C (SIGINT)
+    aborts at once, without a checkpoint."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
         self.signal: int | None = None
+        self.announce = announce
         self._old = {}
 
     def __enter__(self):
@@ -60,11 +67,11 @@ class _StopFlag:
 
         if threading.current_thread() is not threading.main_thread():
             # Python lets only the main thread install handlers (e.g. train() called from a worker thread)
-            warnings.warn("train() runs outside the main thread, so SIGTERM/SIGUSR1 cannot be caught: a "
+            warnings.warn("train() runs outside the main thread, so SIGTERM/SIGUSR1/SIGINT cannot be caught: a "
                           "preemption will stop the run without a checkpoint (the steps since the last "
                           "save are lost)", stacklevel=3)
             return self
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except (ValueError, OSError) as e:
@@ -73,6 +80,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT and self.announce:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort without one)",
+                  file=sys.stderr, flush=True)
         self.signal = signum
 
     def __exit__(self, *exc) -> None:
@@ -100,12 +112,14 @@ def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto", progress: bool = True):
         from omni.bundle import UnifiedTokenizer
-        from omni.data.packing import build_stream
+        from omni.config import check_run
+        from omni.data.packing import TokenDataset, build_stream
+        from omni.io import check_writable
         from omni.model import OmniDecoder
 
-        self.cfg, self.progress = cfg, progress
-        self.info: DistInfo = init_distributed(cfg.parallel)
-        self.out = Path(cfg.train.out)
+        # Everything a user can get wrong is checked before a process group starts or a step is taken.
+        check_run(cfg)
+        self.cfg, self.progress, self.resume = cfg, progress, resume
         if not cfg.data.tokenizer:
             raise OmniError("data.tokenizer is not set: give the tokenizer bundle the token datasets were made with")
         self.tok = UnifiedTokenizer.load(cfg.data.tokenizer)
@@ -113,7 +127,10 @@ class Trainer:
             # The bundle defines the id space; the model recipe gives only the shape (litgpt does the same).
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tok.vocab.size))
             self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.parallel)
         self.stream = build_stream(cfg.data, self.tok, self.info.rank, self.info.world)
+        self.eval_datasets = [TokenDataset(p, self.tok) for p in cfg.data.eval_paths]
+        self.out = check_writable(cfg.train.out, "train.out")
         self.modality_table = self.tok.vocab.modality_table
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -128,14 +145,21 @@ class Trainer:
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.tokens_seen = 0
+        self.initialized_from: Path | None = None
         found = find_resume(self.out, resume)
         if resume == "none" and self.info.is_main and discard_checkpoints(self.out):
             # starting over deliberately: the old run's later steps must not outlive (or be resumed over) this one's
             print(f"--resume none: the earlier checkpoints in {self.out} were discarded", flush=True)
         if found is not None:
             self._restore(found)
+        elif tc.init_from:
+            self.initialized_from = self._init_weights(tc.init_from)
         self.resumed_from = found
-        self.log = MetricsLog(self.out, self.step, tc.tensorboard, self.info.is_main)
+        wandb = None
+        if tc.wandb.enabled:
+            wandb = {"project": tc.wandb.project, "entity": tc.wandb.entity, "mode": tc.wandb.mode,
+                     "name": cfg.name, "config": to_dict(cfg)}
+        self.log = MetricsLog(self.out, self.step, tc.tensorboard, self.info.is_main, wandb=wandb)
 
     # --- state ---------------------------------------------------------------------------
     def _full_states(self) -> tuple[dict, dict]:
@@ -157,10 +181,7 @@ class Trainer:
         )
 
         model_state, optim_state, state, rng = load_train_checkpoint(path)
-        if state.get("world") != self.info.world or state.get("micro_batch_size") != self.cfg.train.micro_batch_size:
-            raise OmniError(f"cannot resume {path}: it was saved with world={state.get('world')}, "
-                            f"micro_batch_size={state.get('micro_batch_size')}; this run has world={self.info.world}, "
-                            f"micro_batch_size={self.cfg.train.micro_batch_size}")
+        self._check_batch(path, state)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, model_state, options=opts)
         set_optimizer_state_dict(self.module, self.opt, optim_state, options=opts)
@@ -170,13 +191,64 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         set_rng_state(state["rng"], rng)
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: micro_batch_size x grad_accum x world."""
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.info.world
+
+    def _check_batch(self, path: Path, state: dict) -> None:
+        """A resume may change the number of processes, not the global batch. The data stream's
+        position is global (sequence i goes to rank i % world), so with the same global batch
+        every step reads the same sequences whatever the split over processes; with another
+        global batch, the steps would not be the ones the schedule planned."""
+        tc = self.cfg.train
+        saved = state.get("global_batch")
+        if saved is None:  # written before the global batch was saved: exactly the same split only
+            saved = state.get("world", 0) * state.get("micro_batch_size", 0) * tc.grad_accum
+        if saved == self.global_batch:
+            return
+        hint = []
+        for key, have in (("train.grad_accum", tc.grad_accum), ("train.micro_batch_size", tc.micro_batch_size)):
+            per = self.global_batch // have  # the other two factors
+            if saved % per == 0:
+                hint.append(f"{key}={saved // per}")
+        raise OmniError(f"cannot resume {path}: it was saved with a global batch of {saved} sequences; this run has "
+                        f"{self.global_batch} (micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} x "
+                        f"world {self.info.world}). The number of processes may change, the global batch may not"
+                        + (f": set {' or '.join(hint)}" if hint else ""))
+
+    def _init_weights(self, source: str) -> Path:
+        """Fine-tuning: the weights of checkpoint (or run folder) ``source``, nothing else of it."""
+        from safetensors.torch import load_file
+
+        from omni.bundle import UnifiedTokenizer
+        from omni.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, resolve_checkpoint
+
+        path = resolve_checkpoint(source)
+        UnifiedTokenizer.load(path / TOKENIZER_DIR).check_compatible(
+            self.tok.identity(), what=f"train.init_from={source} (the token datasets' bundle)")
+        state = load_file(str(path / WEIGHTS_FILE))
+        own = self.model.state_dict()
+        bad = sorted(k for k in set(own) | set(state)
+                     if k not in own or k not in state or own[k].shape != state[k].shape)
+        if bad:
+            detail = "; ".join(f"{k}: {tuple(state[k].shape) if k in state else 'absent'} in the checkpoint, "
+                               f"{tuple(own[k].shape) if k in own else 'absent'} in this model" for k in bad[:4])
+            raise OmniError(f"train.init_from={source}: its weights do not fit model.* of this run ({detail}"
+                            f"{' ...' if len(bad) > 4 else ''})")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))  # FSDP shards it
+        return path
+
     def save(self) -> Path | None:
         model_state, optim_state = self._full_states()  # collective under FSDP: every rank calls it
         path = None
         if self.info.is_main:
             trainer_state = {"data": self.stream.state_dict(), "bad_in_row": self.bad_in_row,
                              "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
-                             "world": self.info.world, "micro_batch_size": self.cfg.train.micro_batch_size}
+                             "world": self.info.world, "micro_batch_size": self.cfg.train.micro_batch_size,
+                             "global_batch": self.global_batch}
             path = save_train_checkpoint(self.out, self.step, model_state, optim_state, self.cfg.model,
                                               self.tok, self.cfg, trainer_state)
             prune(self.out, self.cfg.train.keep_last)
@@ -257,6 +329,77 @@ class Trainer:
                 row[f"loss_{name}"] = float(sums[3 + 2 * k]) / n / weights_by_mod[name]
         return row
 
+    # --- validation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean cross-entropy (nats per scored token, no z-loss, no loss weights) over the first
+        ``eval_batches`` micro-batches per process of data.eval_paths, overall and per modality.
+
+        The held-out stream is rebuilt each time (the same seed, epoch 0), so every validation reads
+        the same sequences and the figures compare across steps; the sequences are split over the
+        processes like training's, and the sums are reduced over them.
+        """
+        from omni.data.packing import BlendedSequences, DocumentPacker
+
+        tc, dev = self.cfg.train, self.info.device
+        packers = [DocumentPacker(d, self.cfg.data.seq_len, self.cfg.data.seed, self.tok.vocab, index=i)
+                   for i, d in enumerate(self.eval_datasets)]
+        stream = BlendedSequences(packers, None, self.info.rank, self.info.world)
+        sums = torch.zeros(2 + 2 * len(MODALITY_NAMES), dtype=torch.float64)  # [ce sum, count, (sum, count) per modality]
+        self.module.eval()
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tc.precision == "bf16"
+                    else contextlib.nullcontext())
+        try:
+            for _ in range(tc.eval_batches):
+                b = stream.next_batch(tc.micro_batch_size)
+                w = b["valid_mask"].to(dev)
+                with autocast:
+                    out = self.module(b["input_ids"].to(dev), labels=b["labels"].to(dev), loss_mask=w,
+                                      doc_ids=b["doc_ids"].to(dev), position_ids=b["position_ids"].to(dev))
+                n = float(w.sum())
+                sums[0] += float(out.ce_loss) * n
+                sums[1] += n
+                for name, mean in out.loss_by_modality.items():
+                    k = MODALITY_NAMES.index(name)
+                    sums[2 + 2 * k] += float(mean) * out.tokens_by_modality[name]
+                    sums[3 + 2 * k] += out.tokens_by_modality[name]
+        finally:
+            self.module.train()
+        all_reduce_sum(sums)
+        row = {"step": self.step, "val_loss": float(sums[0] / sums[1].clamp_min(1.0)), "val_tokens": int(sums[1])}
+        for k, name in enumerate(MODALITY_NAMES[:4]):
+            if sums[3 + 2 * k]:
+                row[f"val_loss_{name}"] = float(sums[2 + 2 * k] / sums[3 + 2 * k])
+        return row
+
+    def summary(self, resume: str) -> str:
+        """What this run is about to do, printed once at start (rank 0)."""
+        tc, dc = self.cfg.train, self.cfg.data
+        docs = sum(len(p.ds) for p in self.stream.packers)
+        tokens = sum(int(p.ds.lengths.sum()) for p in self.stream.packers)
+        planned = tc.steps * self.global_batch * dc.seq_len
+        lines = [
+            f"model: {self.model.num_parameters() / 1e6:.2f}M parameters ({self.cfg.model.n_layers} layers, "
+            f"dim {self.cfg.model.dim}, vocab {self.cfg.model.vocab_size})",
+            f"data: {len(dc.paths)} dataset(s), {docs:,} documents, {tokens:,} tokens"
+            + (f" (weights {', '.join(f'{w:.2f}' for w in self.stream.weights)})" if len(dc.paths) > 1 else "")
+            + (f"; validation on {len(dc.eval_paths)} held-out dataset(s) every {tc.eval_every} steps"
+               if tc.eval_every else ""),
+            f"batch: {self.global_batch} sequences of {dc.seq_len} tokens per step = micro_batch_size "
+            f"{tc.micro_batch_size} x grad_accum {tc.grad_accum} x world {self.info.world}",
+            f"plan: {tc.steps:,} steps, {planned:,} tokens ({planned / max(tokens, 1):.2f} epochs of the blend)",
+        ]
+        if self.resumed_from is not None:
+            how = "--resume auto: the newest intact checkpoint in train.out" if resume == "auto" else f"--resume {resume}"
+            lines.append(f"start: step {self.step}, resumed from {self.resumed_from} ({how})")
+        elif self.initialized_from is not None:
+            lines.append(f"start: step 0 with the weights of {self.initialized_from} (train.init_from; fresh "
+                         "optimizer, schedule and data stream)")
+        else:
+            why = "--resume none" if resume == "none" else f"no checkpoint in {self.out}"
+            lines.append(f"start: step 0 from random init ({why})")
+        return "\n".join(lines)
+
     # --- the run -------------------------------------------------------------------------
     def run(self) -> dict:
         from tqdm import tqdm
@@ -266,11 +409,12 @@ class Trainer:
         tc = self.cfg.train
         if self.info.is_main:
             save_run_config(self.cfg, self.out)
+            print(self.summary(self.resume), flush=True)
         bar = tqdm(total=tc.steps, initial=self.step, unit="step", desc="train", disable=not (self.progress and self.info.is_main))
         last_saved = self.step if self.resumed_from is not None else -1
         stopped_by = None
         fpt = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        with _StopFlag() as stop:
+        with _StopFlag(announce=self.info.is_main) as stop:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
                 row = self.train_step()
@@ -283,7 +427,9 @@ class Trainer:
                     raise OmniError(f"training diverged: {self.bad_in_row} steps in a row had a non-finite loss or "
                                     f"gradient (last at step {self.step}, loss {row['loss']}, grad norm {row['grad_norm']}); "
                                     f"lower train.lr or raise train.max_bad_steps")
-                if self.step % tc.log_every == 0 or row["skipped"] or self.step == tc.steps:
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    row.update(self.validate())
+                if self.step % tc.log_every == 0 or row["skipped"] or self.step == tc.steps or "val_loss" in row:
                     self.log.write(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -312,6 +458,12 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:
 
     try:
         return Trainer(cfg, resume, progress).run()
+    except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint now, but say which one there is
+        found = list_checkpoints(cfg.train.out)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"aborted without saving; the newest checkpoint is {found[-1][1]}" if found else
+                  "aborted without saving; no checkpoint was written", file=sys.stderr, flush=True)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

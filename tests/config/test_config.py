@@ -46,7 +46,8 @@ def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
 @pytest.mark.parametrize(
     "override, needles",
     [
-        ("tokenizer.text.vocab_sise=10", ["unknown config key 'tokenizer.text.vocab_sise'", "Did you mean 'vocab_size'", "character_coverage"]),
+        ("tokenizer.text.vocab_sise=10", ["unknown config key 'tokenizer.text.vocab_sise'", "Did you mean 'tokenizer.text.vocab_size'", "character_coverage"]),
+        ("data.paths=tokens", ["data.paths must be a list: data.paths=[a,b]"]),
         ("tokenizr.text.vocab_size=10", ["unknown config key 'tokenizr'", "Valid keys", "tokenizer"]),
         ("tokenizer.text.vocab_size=lots", ["tokenizer.text.vocab_size", "'lots'", "Integer"]),
         ("tokenizer.text.vocab_size=100", ["tokenizer.text.vocab_size=100", "[257, 1000000]"]),
@@ -87,6 +88,23 @@ def test_load_section_takes_relative_overrides():
     assert cfg == TextTokenizerConfig(vocab_size=4000)
     with pytest.raises(ConfigError, match="tokenizer.text.nope"):
         load_section("tokenizer.text", None, ["nope=1"])
+    # the full dotted key from the recipe's root names the same field (both forms, every command)
+    assert load_section("tokenizer.text", None, ["tokenizer.text.split_digits=false"]).split_digits is False
+    assert load_section("generate", None, ["generate.text.temperature=0"]).text.temperature == 0
+    with pytest.raises(ConfigError, match="Did you mean 'generate.max_new_tokens'"):  # a relative typo, the full key
+        load_section("generate", None, ["max_new_token=5"])
+
+
+def test_cross_section_checks_name_both_keys():
+    from omni.config import check_run
+
+    check_run(load_config(RunConfig, overrides=["data.seq_len=256", "model.max_seq_len=256"]))
+    with pytest.raises(ConfigError, match=r"data.seq_len=512 is longer than model.max_seq_len=256"):
+        check_run(load_config(RunConfig, overrides=["data.seq_len=512", "model.max_seq_len=256"]))
+    with pytest.raises(ConfigError, match=r"train.eval_every=10 needs .* data.eval_paths"):
+        check_run(load_config(RunConfig, overrides=["train.eval_every=10"]))
+    with pytest.raises(ConfigError, match=r"data.eval_paths=.* not in data.paths .*\['a'\] are in both"):
+        load_config(RunConfig, overrides=["data.paths=[a,b]", "data.eval_paths=[a]"])
 
 
 def test_every_shipped_recipe_loads():

@@ -46,6 +46,12 @@ def text_run(tmp_path_factory, text_tokenizer):
         for i, t in enumerate(topics[:6]):
             w.write({"__key__": f"s{i:04d}", "txt": t[:300].encode()})
     preprocess([str(root / "raw_small")], root / "tok", root / "tokens_small", progress=False)
+    # held out by content: topics that no training dataset above holds
+    (root / "raw_heldout").mkdir()
+    with wds.TarWriter(str(root / "raw_heldout" / "text-000.tar")) as w:
+        for i, t in enumerate(topics[60:72]):
+            w.write({"__key__": f"h{i:04d}", "txt": t[:1200].encode()})
+    preprocess([str(root / "raw_heldout")], root / "tok", root / "tokens_heldout", progress=False)
     return root
 
 
@@ -72,6 +78,18 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 def _omni(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "omni", *args], cwd=ROOT.parent,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def _signal_after_first_step(recipe: Path, out: Path, sig: int) -> tuple[int, str, str]:
+    """Start `omni train RECIPE`, send ``sig`` once it has logged a step; (exit code, stdout, stderr)."""
+    p = _omni("train", str(recipe), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.02)
+    p.send_signal(sig)
+    stdout, err = p.communicate(timeout=120)
+    return p.returncode, stdout, err
 
 
 def test_schedules():
@@ -165,14 +183,8 @@ def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path, text_run):
     from omni.run import verify
 
     recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
-    p = _omni("train", str(recipe), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.02)
-    p.send_signal(signal.SIGUSR1)
-    stdout, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    rc, stdout, err = _signal_after_first_step(recipe, tmp_path / "run", signal.SIGUSR1)
+    assert rc == 0, err
     (ckpt,) = (tmp_path / "run").glob("step_*")
     assert f"SIGUSR1: saved {ckpt}" in stdout and verify(ckpt) is None
     assert 1 <= int(ckpt.name[5:]) < 500
@@ -290,9 +302,39 @@ def test_bad_train_config_exits_2(tmp_path, text_run):
                              ("train.warmup_steps=100", "in [0, steps=8]"),
                              ("data.tokenizer=/nonexistent", "vocab.json is missing"),
                              ("data.tokenizer=null", "data.tokenizer"),
-                             ("data.paths=[/nonexistent]", "manifest.json is missing")]:
+                             ("data.paths=[/nonexistent]", "manifest.json is missing"),
+                             ("data.paths=tokens", "data.paths must be a list: data.paths=[a,b]"),
+                             # the tiny recipe's model has 256 positions; this used to train silently
+                             ("data.seq_len=512", "data.seq_len=512 is longer than model.max_seq_len=256"),
+                             ("data.seq_len=100000", "data.seq_len=100000 is longer than model.max_seq_len=256"),
+                             ("train.eval_every=2", "data.eval_paths"),
+                             (f"data.eval_paths=[{text_run / 'tokens'}]", "held out"),
+                             (f"train.out={recipe}/run", "train.out: cannot write into"),
+                             ("train.init_from=/nonexistent", "checkpoint directory not found: /nonexistent")]:
         rc, out, err = run_cli("train", recipe, "--quiet", override)
         assert rc == 2 and needle in err and "Traceback" not in err, (override, err)
+    bad = tmp_path / "bad"
+    assert not bad.exists() or not any(bad.iterdir())  # refused before anything was written
+
+
+def test_a_dataset_without_documents_is_refused_in_one_line(tmp_path, text_run):
+    """A preprocess whose every sample was bad leaves a manifest but no documents: training names it
+    (it used to die in megatron with "cannot mmap an empty file")."""
+    import webdataset as wds
+
+    from omni.data.preprocess import preprocess
+
+    (tmp_path / "raw").mkdir()
+    with wds.TarWriter(str(tmp_path / "raw" / "bad-000.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"b{i}", "png": b"not a png", "txt": b"a caption"})
+    with pytest.raises(OmniError):  # nothing was written: preprocess fails too, after its manifest
+        preprocess([str(tmp_path / "raw")], text_run / "tok", tmp_path / "empty", progress=False)
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+    rc, _, err = run_cli("train", _recipe(text_run, tmp_path / "run"), "--quiet",
+                         f"data.paths=[{text_run / 'tokens'},{tmp_path / 'empty'}]")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"token dataset {tmp_path / 'empty'} holds no documents (3 samples read" in err, err
 
 
 def test_stage_and_modality_weights_pick_the_scored_targets():
@@ -320,3 +362,128 @@ def test_tensorboard_events_and_resume_truncates_metrics(tmp_path, text_run):
     # resuming from step 2 drops the metrics of steps 3-4 before logging them again
     train(load_config(RunConfig, recipe), resume=str(tmp_path / "tb" / "step_000002"), progress=False)
     assert [s for s, _ in _losses(tmp_path / "tb")] == [1, 2, 3, 4]
+
+
+def test_validation_loss_on_a_held_out_split_decreases(tmp_path, text_run):
+    """train.eval_every + data.eval_paths: the held-out loss is logged (overall and per modality) and falls."""
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "val", steps=24, log_every=8, eval_every=8, eval_batches=2)
+    cfg = load_config(RunConfig, recipe, overrides=[f"data.eval_paths=[{text_run / 'tokens_heldout'}]"])
+    train(cfg, resume="none", progress=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val] == [8, 16, 24]
+    counted = {r["val_tokens"] for r in rows if "val_loss" in r}
+    assert len(counted) == 1 and 0 < counted.pop() <= 2 * 4 * 64  # the same sequences every time
+    assert all("val_loss_text" in r for r in rows if "val_loss" in r)
+    assert val[-1][1] < val[0][1] - 0.3, val  # generalizes: ~5.6 -> ~4.7 nats on unseen topics
+
+
+def test_held_out_split_shares_no_document_with_training(text_run):
+    """The held-out topics are held out by content, not by seed."""
+    from omni.data.packing import TokenDataset
+
+    def docs(name):
+        ds = TokenDataset(text_run / name)
+        return {ds.document(i)[0].tobytes() for i in range(len(ds))}
+
+    held = docs("tokens_heldout")
+    assert held and not held & (docs("tokens") | docs("tokens_small"))
+
+
+def test_init_from_starts_at_step_0_with_the_checkpoint_weights(tmp_path, text_run):
+    """train.init_from: fine-tuning from weights only (fresh optimizer, schedule and stream); a run
+    folder resolves to its newest intact step, as --resume DIR does."""
+    from safetensors.torch import load_file
+
+    from omni.run import find_resume
+    from omni.train.loop import Trainer, train
+
+    train(load_config(RunConfig, _recipe(text_run, tmp_path / "base", steps=4, save_every=2)), resume="none",
+          progress=False)
+    base = tmp_path / "base"
+    assert find_resume(tmp_path / "elsewhere", str(base)) == base / "step_000004"
+    cfg = load_config(RunConfig, _recipe(text_run, tmp_path / "ft", steps=2, init_from=str(base)))
+    t = Trainer(cfg, resume="auto", progress=False)
+    assert t.step == 0 and t.initialized_from == base / "step_000004" and not t.opt.state
+    want = load_file(str(base / "step_000004" / "model.safetensors"))
+    assert all(torch.equal(v, want[k]) for k, v in t.model.state_dict().items())
+    assert "start: step 0 with the weights of" in t.summary("auto")
+    t.run()
+    first = _losses(tmp_path / "ft")[0][1]
+    assert first < _losses(base)[0][1] - 0.4  # it starts where the base run ended (~5.9), not at ln(640) = 6.5
+
+
+def test_resume_under_another_world_size_with_the_same_global_batch(tmp_path, text_run):
+    """The stream's position is global, so 1 process x micro-batch 4 may resume as 2 processes x 2:
+    the same sequences per step, the same losses (to float summation order). Another global batch is
+    refused, naming what to set."""
+    import shutil
+
+    from omni.train.loop import train
+
+    one = _recipe(text_run, tmp_path / "one", steps=4, save_every=2)
+    train(load_config(RunConfig, one), resume="none", progress=False)
+    rc, _, err = run_cli("train", one, "--quiet", "train.micro_batch_size=2", "--resume",
+                         str(tmp_path / "one" / "step_000002"))
+    assert rc == 2 and "global batch of 4 sequences; this run has 2" in err and "train.grad_accum=2" in err, err
+
+    mixed = _recipe(text_run, tmp_path / "mixed", steps=4, save_every=2, micro_batch_size=2)
+    (tmp_path / "mixed").mkdir()
+    shutil.copytree(tmp_path / "one" / "step_000002", tmp_path / "mixed" / "step_000002")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "omni", "train", str(mixed), "--quiet"],
+                       cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2" in r.stdout and "resumed from" in r.stdout
+    a, b = dict(_losses(tmp_path / "one")), dict(_losses(tmp_path / "mixed"))
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.dist
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text_run):
+    """A real SIGINT (Ctrl-C) finishes the step and saves, like SIGTERM, and exits 130 (interrupted);
+    the start-up summary says what the run is and where it starts; a second Ctrl-C aborts at once."""
+    from omni.run import verify
+    from omni.train.loop import _StopFlag
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
+    rc, stdout, err = _signal_after_first_step(recipe, tmp_path / "run", signal.SIGINT)
+    assert rc == 130, err
+    (ckpt,) = (tmp_path / "run").glob("step_*")
+    assert f"SIGINT: saved {ckpt}" in stdout and verify(ckpt) is None and "Ctrl-C again to abort" in err
+    assert "batch: 4 sequences of 64 tokens per step = micro_batch_size 4 x grad_accum 1 x world 1" in stdout
+    assert "start: step 0 from random init (no checkpoint in" in stdout
+    rc, stdout, err = run_cli("train", recipe, "--quiet", "train.steps=" + str(int(ckpt.name[5:]) + 1))
+    assert rc == 0 and f"resumed from {ckpt} (--resume auto" in stdout, err
+
+    flag = _StopFlag(announce=False)
+    with flag:
+        flag._handle(signal.SIGINT, None)
+        assert flag.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGINT, None)
+
+
+def test_wandb_offline_logs_the_metrics_rows(tmp_path, text_run):
+    """train.wandb: an offline W&B run under OUT/wandb holding the logged steps (no network)."""
+    from omni.train.loop import train
+
+    recipe = _recipe(text_run, tmp_path / "wb", steps=2, warmup_steps=0)
+    cfg = load_config(RunConfig, recipe, overrides=["train.wandb.enabled=true", "train.wandb.project=omni-test"])
+    env = {"WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        train(cfg, resume="none", progress=False)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    (log,) = run.glob("run-*.wandb")
+    data = log.read_bytes()
+    assert b"omni-test" in data and b"loss/text" in data and b"grad_norm" in data
