@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omni.errors import OmniError, VocabMismatchError
-from omni.io import atomic_write_bytes, atomic_write_text, read_json, sha256_file
+from omni.io import atomic_folder, atomic_write_bytes, atomic_write_text, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from omni.bundle import UnifiedTokenizer
@@ -49,6 +48,7 @@ def save_checkpoint(directory: str | os.PathLike, model: OmniDecoder, config: Mo
     """Write ``model`` (its config unless ``config`` is given) and ``tokenizer`` to ``directory``, atomically."""
     from safetensors.torch import save
 
+    from omni import run
     from omni.config import save_config
 
     config = config if config is not None else model.config
@@ -58,12 +58,7 @@ def save_checkpoint(directory: str | os.PathLike, model: OmniDecoder, config: Mo
         raise VocabMismatchError(
             f"model vocab_size {config.vocab_size} != tokenizer bundle vocab size {tokenizer.vocab.size}")
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_folder(final) as tmp:
         # safetensors refuses shared storage; tied weights are one parameter here, saved once.
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         atomic_write_bytes(tmp / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
@@ -77,19 +72,7 @@ def save_checkpoint(directory: str | os.PathLike, model: OmniDecoder, config: Mo
             **(extra_meta or {}),
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
-        # Last, over every file above: load() verifies them with omni.run.verify before reading.
-        sums = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1) + "\n")
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        run.write_checksums(tmp)  # last, over every file above: load() verifies them before reading
     return final
 
 
@@ -113,14 +96,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not steps:
         raise OmniError(f"{d} is neither an omni checkpoint (no {META_FILE}) nor a run folder "
                         "(no step_* folders)")
-    broken = []
-    for _, p in reversed(steps):
-        problem = run.verify(p)
-        if problem is None:
-            return p
-        warnings.warn(f"skipping checkpoint {p}: {problem}", stacklevel=2)
-        broken.append(f"{p.name}: {problem}")
-    raise OmniError(f"run folder {d} holds checkpoints but none is intact ({'; '.join(broken)})")
+    return run.newest_intact(d, hint="")
 
 
 def _config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:

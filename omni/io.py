@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -89,3 +90,30 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
         raise OmniError(f"{what}: cannot write into {folder}: {reason}"
                         f"{f' ({e.filename})' if e.filename and str(e.filename) != str(folder) else ''}") from None
     return folder
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike):
+    """Build a folder in a temp sibling (yielded) and rename it onto ``final`` when the block ends,
+    replacing an older one; on any error the temp folder is removed and ``final`` is untouched. A
+    reader never sees a half-written folder."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -260,14 +260,20 @@ def write_checkpoint(out: str | os.PathLike, step: int, fill: Callable[[Path], N
     atomic_write_text(tmp / TRAINER_STATE, json.dumps(state) + "\n")
     if config is not None:
         save_run_config(config, tmp)
-    # (a checksums.json that ``fill`` wrote, the inference checkpoint's own, is replaced by this one)
-    sums = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.relative_to(tmp) != Path(CHECKSUMS)}
-    atomic_write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
+    write_checksums(tmp)  # (replacing the inference checkpoint's own, which ``fill`` wrote)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """``folder/checksums.json``: the sha256 of every other file under ``folder``. Write it last:
+    its presence marks the folder complete, and :func:`verify` checks the files against it."""
+    folder = Path(folder)
+    sums = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder) != Path(CHECKSUMS)}
+    atomic_write_text(folder / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
 
 
 def read_checkpoint(ckpt: str | os.PathLike) -> tuple[dict, dict, dict]:
@@ -329,10 +335,14 @@ def find_resume(out: str | os.PathLike, resume: str) -> Path | None:
     return newest_intact(out)
 
 
-def newest_intact(out: str | os.PathLike) -> Path | None:
+RESUME_HINT = ("; resume from one by path once repaired, or start over deliberately (--resume none / "
+               "--no-resume)")
+
+
+def newest_intact(out: str | os.PathLike, hint: str = RESUME_HINT) -> Path | None:
     """The newest checkpoint of run folder ``out`` whose checksums match (None when it has none at
     all). Broken ones are passed over with a warning; a folder whose checkpoints are all broken is
-    refused (OmniError naming each and why)."""
+    refused (OmniError naming each and why, then ``hint``)."""
     broken = []
     for _, p in reversed(list_checkpoints(out)):
         problem = verify(p)
@@ -341,8 +351,7 @@ def newest_intact(out: str | os.PathLike) -> Path | None:
         warnings.warn(f"skipping checkpoint {p}: {problem}", stacklevel=2)
         broken.append(f"{p.name}: {problem}")
     if broken:
-        raise OmniError(f"{out} holds checkpoints but none is intact ({'; '.join(broken)}); resume from one "
-                        "by path once repaired, or start over deliberately (--resume none / --no-resume)")
+        raise OmniError(f"run folder {out} holds checkpoints but none is intact ({'; '.join(broken)}){hint}")
     return None
 
 
