@@ -1,7 +1,8 @@
 """`omni train RECIPE [key=value ...]`: pretrain or fine-tune (plain-PyTorch backend).
 
 One process: ``omni train recipe.yaml``. Several (DDP/FSDP2, gloo on CPU, NCCL on GPU):
-``torchrun --nproc_per_node 2 -m omni train recipe.yaml``.
+``python -m omni.parallel.launch --nproc_per_node 2 -m omni train recipe.yaml`` (torchrun's
+arguments; plain torchrun works too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train OmniDecoder on the token datasets of data.paths (made with the bundle "
         "data.tokenizer). Checkpoints go to train.out/step_*/ every train.save_every steps, at the "
         "end, and on SIGTERM/SIGUSR1/Ctrl-C (a second Ctrl-C aborts without saving); rerunning the same command resumes from the newest intact one. "
-        "Under torchrun every rank runs this command (torchrun --nproc_per_node N -m omni train ...).",
+        "Under torchrun every rank runs this command (python -m omni.parallel.launch --nproc_per_node N -m omni "
+        "train ...: torchrun's arguments, and a signal to it stops the run cleanly).",
         epilog=help_text(RunConfig),
         formatter_class=Formatter,
     )

@@ -487,3 +487,25 @@ def test_wandb_offline_logs_the_metrics_rows(tmp_path, text_run):
     (log,) = run.glob("run-*.wandb")
     data = log.read_bytes()
     assert b"omni-test" in data and b"loss/text" in data and b"grad_norm" in data
+
+
+@pytest.mark.dist
+def test_launcher_stops_cleanly_when_torchrun_is_signalled(tmp_path, text_run):
+    """SIGTERM to the launcher (torchrun's agent) reaches both workers, which save and stop; the
+    launcher exits 0 without torchrun's SignalException traceback."""
+    from omni.run import verify
+
+    recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
+    p = subprocess.Popen([sys.executable, "-m", "omni.parallel.launch", "--standalone", "--nproc_per_node", "2",
+                          "-m", "omni", "train", str(recipe), "--quiet"], cwd=ROOT.parent, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM forwarded to the workers" in err, err[-3000:]
+    (ckpt,) = (tmp_path / "run").glob("step_*")
+    assert f"SIGTERM: saved {ckpt}" in stdout and verify(ckpt) is None

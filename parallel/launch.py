@@ -1,0 +1,44 @@
+"""``python -m omni.parallel.launch``: torchrun, stopping cleanly when it is signalled.
+
+Takes exactly torchrun's arguments (``--standalone --nproc_per_node 2 -m omni train RECIPE``).
+
+Why not plain torchrun: its agent turns SIGTERM / SIGINT into a ``SignalException``, sends the same
+signal to the workers and waits for them (up to 30 s, then SIGKILL). omni's trainer finishes its
+step, saves a checkpoint and exits 0 on that signal (:mod:`omni.train.loop`), but the agent then
+re-raises, so torchrun prints a traceback and exits 1 although the run stopped as asked. Here the
+exception is caught once the workers are done: one line, exit 0 (130 for Ctrl-C, the shell's code
+for an interrupted command).
+
+SIGUSR1 (Slurm's ``--signal=B:USR1@lead`` preemption warning) is added to the signals the agent
+forwards (torchrun's ``TORCHELASTIC_SIGNALS_TO_HANDLE``, unless set), so a job script can signal
+the launcher alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""Forwarded to the workers by the agent (torchrun's default lacks SIGUSR1)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        print(f"omni.parallel.launch: {name} forwarded to the workers, which saved a checkpoint and stopped; "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+        return 130 if e.sigval == signal.SIGINT else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
