@@ -17,6 +17,14 @@ MODALITY_COMMANDS = [
 ]
 
 
+SEGMENT_HELP = ("plain text, or @image:FILE / @audio:FILE for a media file (the whole argument: a file named "
+                "inside text is refused, give it as its own segment); text stays text: a typed '<boi>' is those "
+                "characters, not the special")
+"""The prompt-segment syntax, shared by `omni tokenizer encode` and `omni generate --prompt`."""
+
+MEDIA_PREFIXES = {"@image:": "image", "@audio:": "audio"}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
 
@@ -56,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = tsub.add_parser("encode", help="encode text (and image/audio files) to ids", formatter_class=Formatter)
     e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer bundle")
     e.add_argument("segments", nargs="*", metavar="SEGMENT",
-                   help="in order: plain text, or @image:FILE / @audio:FILE for a media file")
+                   help="the document's segments, in order; each is " + SEGMENT_HELP)
     e.add_argument("--out", metavar="FILE", help="write ids JSON here (default: print to stdout)")
     e.add_argument("--no-bos", action="store_true", help="do not start with <bos>")
     e.set_defaults(func=_encode)
@@ -81,6 +89,39 @@ def _bundle(args) -> int:
     tok.save(args.out)
     print(f"wrote {args.out}: {tok}")
     return 0
+
+
+def parse_segments(segments: list[str], base: str | Path | None = None):
+    """Segments in the `@image:FILE` / `@audio:FILE` / plain-text syntax -> omni.Document, in order.
+
+    Each string is one segment: ``@image:FILE`` an image, ``@audio:FILE`` a wav/flac/ogg file, anything
+    else text (kept as typed: names like ``<boi>`` are characters, never specials). Relative FILEs
+    resolve against ``base`` (a JSONL's folder) when given, else the working directory. A text segment
+    that holds ``@image:``/``@audio:`` after a space is refused rather than silently taken as text:
+    a file is always its own segment.
+    """
+    import re
+
+    from omni.document import Document, Text
+    from omni.errors import OmniError
+
+    segs = []
+    for s in segments:
+        kind = next((k for p, k in MEDIA_PREFIXES.items() if s.startswith(p)), None)
+        if kind is not None:
+            name = s.split(":", 1)[1]
+            if not name:
+                raise OmniError(f"segment {s!r} names no file: write {s}FILE")
+            path = Path(base) / name if base is not None else Path(name)
+            segs.append(read_image_file(str(path)) if kind == "image" else read_audio_file(str(path)))
+            continue
+        inner = re.search(r"(?:^|\s)(@(?:image|audio):\S*)", s)
+        if inner:
+            head = s[:inner.start(1)].strip()
+            raise OmniError(f"segment {s!r} holds {inner.group(1)!r} inside its text: give each file as its own "
+                            f"segment, in order (for example {head!r} {inner.group(1)!r})")
+        segs.append(Text(s))
+    return Document(segs)
 
 
 def read_image_file(path: str):
@@ -118,19 +159,10 @@ def _file_bytes(path: str, medium: str) -> bytes:
 
 def _encode(args) -> int:
     from omni.bundle import UnifiedTokenizer
-    from omni.document import Document, Text
     from omni.io import atomic_write_text
 
     tok = UnifiedTokenizer.load(args.tokenizer)
-    segs = []
-    for s in args.segments:
-        if s.startswith("@image:"):
-            segs.append(read_image_file(s[len("@image:"):]))
-        elif s.startswith("@audio:"):
-            segs.append(read_audio_file(s[len("@audio:"):]))
-        else:
-            segs.append(Text(s))
-    ids = tok.encode(Document(segs), bos=not args.no_bos)
+    ids = tok.encode(parse_segments(args.segments), bos=not args.no_bos)
     out = json.dumps({"ids": ids.tolist(), "tokenizer": tok.identity()})
     if args.out:
         atomic_write_text(args.out, out + "\n")

@@ -31,11 +31,15 @@ class GenerateConfig:
     max_new_tokens: int = 256
     """Stop after this many new tokens (an open image block is never started when it cannot finish)."""
     max_images: int = 4
-    """Stop a sequence after it has generated this many images."""
+    """Stop a sequence after it has generated this many images (once min_audio is met)."""
     min_images: int = 0
-    """<eos> is not allowed before this many images were made (while one still fits): 1 for caption-to-image."""
+    """Make at least this many images (1 for caption-to-image): no <eos> before them, and no text or
+    audio that would leave too few new tokens for them (each takes <boi> + N codes + <eoi>);
+    max_new_tokens must hold them, or generation refuses to start."""
     min_audio: int = 0
-    """<eos> is not allowed before this many audio blocks were made (while one still fits): 1 for text-to-speech."""
+    """Make at least this many audio blocks (1 for text-to-speech): no <eos> before them, and no text
+    or image that would leave too few new tokens for them (each takes at least <boa> + 1 code + <eoa>,
+    so an audio block is closed early when the budget requires it); max_new_tokens must hold them."""
     max_audio_tokens: int = 250
     """Longest audio block in codes (10 s at 25 Hz)."""
     text: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9))

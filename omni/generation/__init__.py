@@ -9,6 +9,8 @@ What lives here:
 * :mod:`omni.generation.processors`: the modality state machine, guidance and per-modality sampling.
 * :mod:`omni.generation.jacobi`: speculative Jacobi decoding of image blocks.
 * :mod:`omni.generation.page`: :func:`~omni.generation.page.write_page`, the HTML/Markdown writer.
+* :mod:`omni.generation.stream`: :class:`~omni.generation.stream.TerminalStream`, text streamed and
+  a bar per block while ``omni generate`` runs.
 
 May import: the core (``omni.document``, ``omni.vocab``, ``omni.bundle``, ``omni.model``,
 ``omni.config``, ``omni.errors``, ``omni.io``) and, once the task heads land, ``omni.decoders``;

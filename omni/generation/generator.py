@@ -39,6 +39,7 @@ from omni.generation.processors import (
     DecodeState,
     ModalityConstraint,
     ModalitySampler,
+    check_budget,
 )
 
 
@@ -163,6 +164,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
     max_new = min(config.max_new_tokens, max_len - ids.shape[1])
 
     n_image = tok.image.tokens_per_image if tok.image is not None else None
+    check_budget(config, max_new, n_image, tok.audio is not None,
+                 context=f"the model's context is {max_len} tokens (max_seq_len) and the longest prompt "
+                 f"takes {ids.shape[1]}" if max_new < config.max_new_tokens else "")
     state = DecodeState(v, B, max_new, config, n_image)
     constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None)
     sampler = ModalitySampler(config, torch.Generator().manual_seed(config.seed))
@@ -178,7 +182,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                     on_segment(b, _last_block(tok, state.rows[b].tokens))
 
     cache = model.new_cache(capacity=ids.shape[1] + max_new + config.jacobi)  # never grows while decoding
-    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float()  # prefill: [B or 2B, V]
+    # Everything after the forward (guidance, the state machine, sampling) runs on the CPU: one
+    # [B, V] copy a step, and the seeded CPU generator draws the same tokens on any device.
+    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float().cpu()  # prefill: [B or 2B, V]
     step = compiled_decoder(model) if config.compile else model
     drafts, pending = Drafts(B), None
     while True:
@@ -200,7 +206,7 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         feed = torch.cat([feed, feed]) if guidance.active else feed  # the unconditional rows follow
         past = cache.length
         new_doc = torch.zeros(feed.shape, dtype=torch.long, device=device)
-        raw = step(feed.to(device), doc_ids=new_doc, cache=cache).logits.float()  # [B or 2B, 1 + w, V]
+        raw = step(feed.to(device), doc_ids=new_doc, cache=cache).logits.float().cpu()  # [B or 2B, 1 + w, V]
         if not w:
             logits = raw[:, -1]
             continue

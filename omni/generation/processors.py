@@ -8,7 +8,9 @@ does the same for any grid and for audio blocks:
   audio block, or done; images made; new tokens left.
 * :class:`ModalityConstraint` masks the logits to what the state allows: in text mode text ids,
   <eos>, and <boi>/<boa> only when the block can still finish; after <boi> exactly N image codes
-  then <eoi>; after <boa> audio codes (at least one) up to a bound, then <eoa>.
+  then <eoi>; after <boa> audio codes (at least one) up to a bound, then <eoa>. While ``min_images``
+  / ``min_audio`` blocks are still owed, nothing is chosen that leaves too few tokens to make them
+  (:func:`owed_tokens`, :func:`check_budget`).
 * :class:`ClassifierFreeGuidance` mixes conditional and unconditional logits inside blocks
   (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022; for autoregressive image tokens:
   Lumina-mGPT, Emu3, Janus): ``l = c + (s - 1)(c - u)``, which is exactly ``c`` at ``s = 1``.
@@ -25,8 +27,47 @@ from dataclasses import dataclass, field
 import torch
 
 from omni.config.generate import GenerateConfig, SamplingConfig
+from omni.errors import OmniError
 
 TEXT_MODE, IMAGE_MODE, AUDIO_MODE, DONE = "text", "image", "audio", "done"
+MIN_AUDIO_BLOCK = 3
+"""The shortest audio block in tokens: <boa>, one code, <eoa> (what ``min_audio`` reserves per block)."""
+
+
+def owed_tokens(images: int, audios: int, image_tokens: int | None) -> int:
+    """Fewest new tokens that hold ``images`` more image blocks (<boi> + N codes + <eoi> each) and
+    ``audios`` more audio blocks (:data:`MIN_AUDIO_BLOCK` each)."""
+    return images * ((image_tokens or 0) + 2) + audios * MIN_AUDIO_BLOCK
+
+
+def check_budget(config: GenerateConfig, max_new_tokens: int, image_tokens: int | None, has_audio: bool,
+                 context: str = "") -> None:
+    """Refuse, before anything is generated, a ``min_images`` / ``min_audio`` that cannot be met:
+    the modality is missing or switched off, or ``max_new_tokens`` (``context``: why fewer are
+    available, when the model's context is what limits them) cannot hold the blocks."""
+    for n, key, here, allow, what in (
+            (config.min_images, "min_images", image_tokens is not None, config.allow_images, "image"),
+            (config.min_audio, "min_audio", has_audio, config.allow_audio, "audio")):
+        if n and not here:
+            raise OmniError(f"{key}={n} needs {what} blocks, but the tokenizer bundle has no {what} tokenizer; "
+                            f"set {key}=0")
+        switch = "allow_images" if what == "image" else "allow_audio"
+        if n and not allow:
+            raise OmniError(f"{key}={n} needs {what} blocks, but {switch}=false; set {switch}=true or {key}=0")
+    need = owed_tokens(config.min_images, config.min_audio, image_tokens)
+    if max_new_tokens >= need:
+        return
+    parts = []
+    if config.min_images:
+        parts.append(f"min_images={config.min_images} image block(s) of {image_tokens + 2} tokens "
+                     f"(<boi> + {image_tokens} codes + <eoi>)")
+    if config.min_audio:
+        parts.append(f"min_audio={config.min_audio} audio block(s) of at least {MIN_AUDIO_BLOCK} tokens "
+                     "(<boa> + 1 code + <eoa>)")
+    budget = f"max_new_tokens={config.max_new_tokens}" + (f" ({context}: {max_new_tokens} left)" if context else "")
+    lower = " / ".join(k for k in ("min_images", "min_audio") if getattr(config, k))
+    raise OmniError(f"{budget} cannot hold {' and '.join(parts)}: at least {need} new tokens are needed; "
+                    f"raise max_new_tokens to {need} or more, or lower {lower}")
 
 
 @dataclass
@@ -86,7 +127,8 @@ class DecodeState:
                 else:
                     r.audios += 1
                 r.mode = TEXT_MODE
-                if closed[-1] == IMAGE_MODE and r.images >= self.config.max_images:
+                # max_images reached: stop, unless an audio block is still owed (then <boi> is masked)
+                if 0 < self.config.max_images <= r.images and r.audios >= self.config.min_audio:
                     r.mode = DONE
             else:
                 r.count += 1
@@ -107,33 +149,49 @@ class ModalityConstraint:
         self.image_ids = table == IMAGE
         self.audio_ids = table == AUDIO
 
+    def owed(self, r: RowState) -> tuple[int, int]:
+        """(image blocks, audio blocks) row ``r`` must still make for min_images / min_audio."""
+        return max(0, self.config.min_images - r.images), max(0, self.config.min_audio - r.audios)
+
     def allowed(self, state: DecodeState, r: RowState) -> torch.Tensor:
+        """The ids row ``r`` may emit next [V].
+
+        The budget rule of min_images / min_audio: a choice is allowed only when the tokens left
+        after it still hold the blocks owed after it (:func:`owed_tokens`). A text token costs one,
+        a block its length: an image is <boi> + N codes + <eoi>, an audio block at least
+        :data:`MIN_AUDIO_BLOCK` and closed early when the owed blocks need the rest. Since
+        :func:`check_budget` checked the start, some choice always stays allowed: when text no
+        longer fits, an owed block still does.
+        """
         V = self.text_ids.numel()
         cfg = self.config
+        n_img = state.image_tokens
+        oi, oa = self.owed(r)
         if r.mode == IMAGE_MODE:
-            if r.count < state.image_tokens:
+            if r.count < n_img:
                 return self.image_ids
             return _one_hot(V, state.eoi)
         if r.mode == AUDIO_MODE:
-            if r.count >= cfg.max_audio_tokens or r.remaining <= 1:
-                return _one_hot(V, state.eoa)  # the block must close now
+            rest = owed_tokens(oi, max(0, oa - 1), n_img)  # owed once this block closes
+            if r.count >= cfg.max_audio_tokens or r.remaining <= 1 + (rest if r.count >= 1 else 0):
+                return _one_hot(V, state.eoa)  # the block must close now (one more code leaves too few tokens)
             allow = self.audio_ids.clone()
             allow[state.eoa] = r.count >= 1  # no empty audio block
             return allow
         if r.mode == DONE:
             return _one_hot(V, state.pad)
-        allow = self.text_ids.clone() if cfg.allow_text else torch.zeros(V, dtype=torch.bool)
-        allow[state.eos] = True
-        after = r.remaining - 1  # tokens left once the opener is emitted
-        image_fits = self.has_image and cfg.allow_images and r.images < cfg.max_images and after >= state.image_tokens + 1
-        if image_fits:
-            allow[state.boi] = True  # N codes + <eoi> still fit
-            if r.images < cfg.min_images:
-                allow[state.eos] = False  # an image is still owed
-        if self.has_audio and cfg.allow_audio and after >= 2:
-            allow[state.boa] = True  # at least one code + <eoa> fit
-            if r.audios < cfg.min_audio:
-                allow[state.eos] = False  # an audio block is still owed
+        need = owed_tokens(oi, oa, n_img)  # tokens the owed blocks take
+        R = r.remaining  # this step's token included
+        text_fits = R - 1 >= need
+        allow = self.text_ids.clone() if cfg.allow_text and text_fits else torch.zeros(V, dtype=torch.bool)
+        allow[state.eos] = oi == 0 and oa == 0  # no <eos> while a block is owed
+        if (self.has_image and cfg.allow_images and r.images < cfg.max_images
+                and R >= n_img + 2 + owed_tokens(max(0, oi - 1), oa, n_img)):
+            allow[state.boi] = True  # N codes + <eoi> fit, and so do the blocks still owed after it
+        if self.has_audio and cfg.allow_audio and R >= MIN_AUDIO_BLOCK + owed_tokens(oi, max(0, oa - 1), n_img):
+            allow[state.boa] = True  # one code + <eoa> fit, and so do the blocks still owed after it
+        if not allow.any():  # only without check_budget's start (a processor used alone): give up, do not crash
+            allow[state.eos] = True
         return allow
 
     def __call__(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
