@@ -69,7 +69,9 @@ class ImageEvaluator:
             c = self.cfg
             self.images = eval_images(self.data, c.model.image_size, c.eval_crops_per_image, c.eval_max_images,
                                       self.report, c.min_image_side, c.seed, tok.preprocess)
-            self.log(f"eval data ({self.on}): {len(self.images)} images; {self.report}")
+            rest = str(self.report).partition(";")[2]  # skipped / converted, if any
+            self.log(f"eval set ({self.on}): {len(self.images)} crops of {c.model.image_size} px from "
+                     f"{self.report.read} images{';' + rest if rest else ''}")
         return {**evaluate_image_tokenizer(tok, self.images), "eval_on": self.on}
 
 

@@ -224,7 +224,7 @@ def test_cli_bundle_encode_decode_and_refusal(tmp_path, text_tokenizer, image_do
     (tmp_path / "junk.png").write_bytes(b"not an image")
     for args, needle in [
         (["bundle", "--text", tmp_path / "nope", "--out", tmp_path / "x"], "tokenizer folder not found"),
-        (["bundle", "--text", tmp_path / "image", "--out", tmp_path / "x"], "holds a image tokenizer, expected a text"),
+        (["bundle", "--text", tmp_path / "image", "--out", tmp_path / "x"], "holds the image tokenizer, expected the text"),
         (["encode", "--tokenizer", tmp_path / "full", "@image:" + str(tmp_path / "junk.png")], "cannot read image"),
         (["encode", "--tokenizer", tmp_path / "full", "@audio:" + str(tmp_path / "junk.png")], "cannot read audio"),
         (["encode", "--tokenizer", tmp_path / "full", "@image:/nonexistent.png"], "image file not found"),

@@ -31,6 +31,8 @@ from omni.errors import OmniError
 from omni.media import AUDIO_EXTS, BadSample, SkipReport, expand_sources, iter_media, read_audio
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQAudioTokenizer
 
+SUMMARY_FILE = "train_summary.json"
+"""Written last by a finished run: steps, seconds, data and the last training figures."""
 SILENCE = 1e-4
 """Clips whose peak stays below this are silent-only and skipped (``corrupt_audio``)."""
 
@@ -129,6 +131,9 @@ def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out:
     a checkpoint ``step_XXXXXX/`` every ``save_every`` steps (weights, optimizer, the window
     sampler's and the global RNG states), from which a killed run resumes (``resume``) to the same
     weights as an uninterrupted one; and once finished the tokenizer itself and ``train_summary.json``.
+    A run in ``out`` that is finished already (:func:`finished_step`) is left as it is: it says so and
+    returns the tokenizer of ``out`` and its saved summary (with ``finished_already: True``) without
+    reading data; ``resume=False`` trains it again from scratch, a larger ``train.steps`` continues it.
     """
     recipe = recipe or AudioTokenizerRecipe()
     threads = torch.get_num_threads()
@@ -147,16 +152,37 @@ def _save(out: Path, tok: WhisperVQAudioTokenizer, recipe: AudioTokenizerRecipe,
     run.prune(out, 1)  # the newest intact checkpoint is all a resume needs
 
 
+def finished_step(out: Path, ckpt: Path, steps: int) -> int | None:
+    """The step at which the run in ``out`` finished, or None if it has more to do.
+
+    Finished: its newest intact checkpoint ``ckpt`` reached ``steps``, ``out`` itself holds the
+    tokenizer of that checkpoint (the same fingerprint: a run killed between its last checkpoint and
+    the final files, or one continued to more steps, is not finished) and ``train_summary.json`` of
+    that step."""
+    from omni.tokenizers.base import TOKENIZER_FILE
+
+    try:
+        step = int(json.loads((ckpt / run.TRAINER_STATE).read_text())["step"])
+        same = (json.loads((out / TOKENIZER_FILE).read_text())["fingerprint"]
+                == json.loads((ckpt / TOKENIZER_FILE).read_text())["fingerprint"])
+        summarized = json.loads((out / SUMMARY_FILE).read_text()).get("steps") == step
+    except (OSError, ValueError, KeyError):  # a final file missing or cut short: not finished
+        return None
+    return step if step >= steps and same and summarized else None
+
+
+def _last_logged(out: Path) -> dict:
+    """The last training row of ``out/metrics.jsonl`` (a run resumed at its end trains no step)."""
+    rows = [json.loads(ln) for ln in (out / run.METRICS).read_text().splitlines() if ln.strip()]
+    return next((r for r in reversed(rows) if "mel_l1" in r), {})
+
+
 def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
            resume: bool) -> tuple[WhisperVQAudioTokenizer, dict]:
     from omni.io import atomic_write_text
     from omni.tokenizers.base import save_tokenizer
 
     tcfg = recipe.train
-    torch.manual_seed(tcfg.seed)
-    clips, stats = load_clips(data, tcfg.max_clips)
-    if progress:
-        print(f"audio data: {describe(clips, stats)}")
     found = run.find_resume(out, "auto" if resume else "none") if out is not None else None
     if found is not None:
         from omni.config import load_config, to_dict
@@ -165,6 +191,18 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
         if to_dict(saved.tokenizer) != to_dict(recipe.tokenizer):
             raise OmniError(f"{out} holds a run of another tokenizer config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
+        done_at = finished_step(out, found, tcfg.steps)
+        if done_at is not None:  # the decoder trainer's convention: a finished run is not redone
+            print(f"{out} is finished already (step {done_at} of train.steps={tcfg.steps}, summary in "
+                  f"{out / SUMMARY_FILE}): nothing to do; --no-resume trains it again from scratch, a larger "
+                  "train.steps= continues it")
+            summary = json.loads((out / SUMMARY_FILE).read_text())
+            return WhisperVQAudioTokenizer.load(out), {**summary, "finished_already": True}
+    torch.manual_seed(tcfg.seed)
+    clips, stats = load_clips(data, tcfg.max_clips)
+    if progress:
+        print(f"audio data: {describe(clips, stats)}")
+    if found is not None:
         tok = WhisperVQAudioTokenizer.load(found)
     else:
         if out is not None and run.discard_checkpoints(out):
@@ -225,13 +263,16 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     if bar is not None:
         bar.close()
     model.eval()
+    if not last and out is not None:  # resumed at its last step: the figures are those it logged then
+        last = _last_logged(out)
     summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1),
                "data": data_json(clips, stats), "final": last}
     if out is not None:
-        _save(out, tok, recipe, step + 1, opt, windows)
+        if step + 1 > start:  # else the newest checkpoint is this state already
+            _save(out, tok, recipe, step + 1, opt, windows)
         metrics.close()
         save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
-        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")  # last: the run is finished
     return tok, summary
 
 

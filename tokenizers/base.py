@@ -198,7 +198,7 @@ def load_tokenizer(directory: str | os.PathLike, modality: str | None = None):
     except (json.JSONDecodeError, KeyError) as e:
         raise OmniError(f"{path} is not a valid tokenizer description: {e}") from None
     if modality is not None and found != modality:
-        raise OmniError(f"{d} holds a {found} tokenizer, expected a {modality} tokenizer")
+        raise OmniError(f"{d} holds the {found} tokenizer, expected the {modality} tokenizer")
     return tokenizer_class(kind).load(d)
 
 

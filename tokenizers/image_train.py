@@ -23,7 +23,8 @@ only on (seed, t), so a resumed run draws the same crops it would have drawn.
 Output folder, in the run convention of :mod:`omni.run`: ``run.yaml``, ``metrics.jsonl``, the newest
 checkpoint ``step_XXXXXX/`` (the tokenizer, the discriminator, both optimizers, RNG states: a
 killed run resumes from it), and once finished the tokenizer itself (``model.safetensors``,
-``config.yaml``, ``tokenizer.json``) and ``eval.json``.
+``config.yaml``, ``tokenizer.json``) and ``eval.json``. Rerunning a finished run does nothing and
+says so (:func:`finished_step`); ``resume=False`` (``--no-resume``) trains it again from scratch.
 """
 
 from __future__ import annotations
@@ -274,6 +275,61 @@ def _lr(step: int, cfg: ImageTrainConfig) -> float:
     return run.lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine", 0.1 * cfg.lr)
 
 
+def finished_step(out: Path, ckpt: Path, cfg: ImageTrainConfig, with_eval: bool) -> int | None:
+    """The step at which the run in ``out`` finished, or None if it has more to do.
+
+    Finished: its newest intact checkpoint ``ckpt`` reached ``cfg.steps``, ``out`` itself holds the
+    tokenizer of that checkpoint (the same fingerprint: a run killed between its last checkpoint and
+    the final files, or one continued to more steps, is not finished), and, when an evaluator is
+    given, ``eval.json`` holds that step's final eval."""
+    from omni.tokenizers.base import TOKENIZER_FILE
+
+    try:
+        step = int(json.loads((ckpt / run.TRAINER_STATE).read_text())["step"])
+        same = (json.loads((out / TOKENIZER_FILE).read_text())["fingerprint"]
+                == json.loads((ckpt / TOKENIZER_FILE).read_text())["fingerprint"])
+        evaluated = not with_eval or json.loads((out / EVAL_FILE).read_text()).get("step") == step
+    except (OSError, ValueError, KeyError):  # a final file missing or cut short: not finished
+        return None
+    return step if step >= cfg.steps and same and evaluated else None
+
+
+def _eval(evaluator, tok: VQImageTokenizer, progress: bool, what: str) -> dict:
+    """``evaluator(tok)`` with a progress bar of the crops encoded and decoded so far.
+
+    The evaluator is any callable (:class:`omni.eval.tokenizers.ImageEvaluator` by default) that reads
+    its eval set when first called, then encodes and decodes it in batches: forward hooks count the
+    crops as they pass, so the bar needs no change to its interface. The bar starts with the first
+    batch's encoding, once the set is read (and its reading logged), with the set's size as total
+    when the evaluator exposes it (``evaluator.images``); a batch counts once decoded.
+    """
+    from tqdm import tqdm
+
+    if not progress:
+        return evaluator(tok)
+    bar = None
+
+    def start(module, args, output) -> None:
+        nonlocal bar
+        if bar is None:
+            images = getattr(evaluator, "images", None)
+            bar = tqdm(desc=what, total=None if images is None else len(images), unit="crop", leave=False)
+
+    def count(module, args, output) -> None:
+        if bar is not None:
+            bar.update(int(output.shape[0]))
+
+    last = tok.decoder if tok.config.has_decoder else tok.encoder
+    hooks = [tok.encoder.register_forward_hook(start), last.register_forward_hook(count)]
+    try:
+        return evaluator(tok)
+    finally:
+        for h in hooks:
+            h.remove()
+        if bar is not None:
+            bar.close()
+
+
 def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig,
                           evaluator: Callable[[VQImageTokenizer], dict] | None = None, resume: bool = True,
                           progress: bool = True, log: Callable[[str], None] = print) -> VQImageTokenizer:
@@ -282,6 +338,10 @@ def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig,
     ``evaluator(tok) -> dict`` (for example :class:`omni.eval.tokenizers.ImageEvaluator`) is called
     every ``eval_every`` steps and at the end; its figures are logged, and the last ones written
     to ``out/eval.json``. Without one, the run measures nothing.
+
+    A run in ``out`` that is finished already (:func:`finished_step`) is left as it is: it says so
+    and returns the tokenizer of ``out`` without reading data or evaluating again; ``resume=False``
+    trains it again from scratch, a larger ``cfg.steps`` continues it.
     """
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -300,10 +360,6 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
     from omni.config import load_config, to_dict
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-
-    tok = VQImageTokenizer(cfg.model)
-    start = 0
     found = run.find_resume(out, "auto" if resume else "none")
     resuming = found is not None
     if resuming:
@@ -311,6 +367,18 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
         if to_dict(saved.model) != to_dict(cfg.model):
             raise OmniError(f"{out} holds a run of another model config; resume it with the same config, "
                             f"or pass another --out (or --no-resume to start over there)")
+        done_at = finished_step(out, found, cfg, evaluator is not None)
+        if done_at is not None:
+            # the decoder trainer's convention: a finished run is not redone (the final eval alone can take minutes)
+            log(f"{out} is finished already (step {done_at} of steps={cfg.steps}"
+                f"{', final eval in ' + str(out / EVAL_FILE) if evaluator is not None else ''}): nothing to do; "
+                "--no-resume trains it again from scratch, a larger steps= continues it")
+            return VQImageTokenizer.load(out).eval()
+
+    torch.manual_seed(cfg.seed)
+    tok = VQImageTokenizer(cfg.model)
+    start = 0
+    if resuming:
         tok = VQImageTokenizer.load(found)
     elif run.discard_checkpoints(out):
         log(f"starting over in {out}: its earlier checkpoints were discarded")
@@ -331,16 +399,21 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
             disc.load_state_dict(load_file(found / DISC_FILE))
             dopt.load_state_dict(optimizers["dopt"])
         start = int(state["step"])
-        log(f"resuming {out} at step {start}")
+        log(f"resuming {out} at step {start}" + ("" if start < cfg.steps else
+            f": its training is done (steps={cfg.steps}); writing its final files"))
 
     report = SkipReport()
-    sampler = CropSampler(data, cfg, report)
-    log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
+    to_train = start < cfg.steps
+    sampler = None
+    if to_train:  # a run killed after its last checkpoint needs no training data to finish
+        sampler = CropSampler(data, cfg, report)
+        log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
     log(f"model: {tok}")
 
     metrics = run.MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
     write_log = metrics.write
-    write_log({"event": "data", "train": report.to_json()})
+    if to_train:
+        write_log({"event": "data", "train": report.to_json()})
 
     if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
         # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code
@@ -353,8 +426,8 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
         run.set_rng_state(state["rng"], rng)
     recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not progress, desc="image tokenizer",
-               unit="step")
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not (progress and to_train),
+               desc="image tokenizer", unit="step")
     fsq_entropy = (cfg.fsq_entropy_weight, cfg.fsq_entropy_temperature) if cfg.fsq_entropy_weight > 0 else None
     try:
         for step in range(start, cfg.steps):
@@ -400,7 +473,7 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
                 write_log(rec_log)
                 bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.2f}")
             if evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                m = evaluator(tok)
+                m = _eval(evaluator, tok, progress, f"eval at step {done}")
                 write_log({"step": done, "event": "eval", **m})
                 bar.write(f"step {done}: eval psnr {m['psnr']:.2f} dB (baseline "
                           f"{m['psnr_mean_color_baseline']:.2f}), usage {m['codebook_usage']:.1%}")
@@ -409,10 +482,12 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
             bar.update(1)
         bar.close()
         final_step = max(cfg.steps, start)
-        save_checkpoint(out, tok, cfg, final_step, opt, disc, dopt)
+        if to_train:  # else the newest checkpoint is this state already
+            save_checkpoint(out, tok, cfg, final_step, opt, disc, dopt)
         m = None
         if evaluator is not None:
-            m = evaluator(tok)
+            log(f"final eval at step {final_step} ...")
+            m = _eval(evaluator, tok, progress, "final eval")
             m.update(step=final_step, train_seconds=round(time.time() - t_start, 1))
             write_log({"event": "final_eval", **m})
     finally:
@@ -421,10 +496,12 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
     from omni.tokenizers.base import save_tokenizer
 
     save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
-    log(f"train data: {report}")
+    if to_train:
+        log(f"train data: {report}")
     if m is not None:
-        atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")
+        atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")  # last: it marks the run finished
         log(f"eval ({m.get('eval_on', 'eval data')}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color "
             f"baseline {m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
             f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
+    log(f"wrote {out}: the image tokenizer at step {final_step}{' and ' + EVAL_FILE if m is not None else ''}")
     return tok.eval()

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=help_text(PreprocessConfig) + "\n(keys are relative to the recipe's data.preprocess section)",
         formatter_class=Formatter,
     )
-    pre.add_argument("--input", nargs="+", required=True, metavar="SHARDS",
-                     help="tar shards, folders, globs or brace patterns (data-{000..009}.tar)")
+    pre.add_argument("--input", action="extend", nargs="+", required=True, metavar="SHARDS",
+                     help="tar shards, folders, globs or brace patterns (data-{000..009}.tar); several after "
+                     "one flag, or the flag repeated")
     pre.add_argument("--tokenizer", required=True, metavar="BUNDLE", help="tokenizer bundle folder")
     pre.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pre.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
@@ -50,10 +51,11 @@ def slurm_array_rank_world() -> tuple[int, int]:
 def _preprocess(args) -> int:
     from omni.cli import split_overrides
     from omni.config import load_section
-    from omni.data.preprocess import preprocess
+    from omni.data.preprocess import MANIFEST, preprocess, skip_lines
+    from omni.io import read_json
 
     inputs, extra = split_overrides(args.input)
-    cfg = load_section("data.preprocess", args.config, list(args.overrides) + extra)
+    cfg = load_section("data.preprocess", args.config, extra + list(args.overrides))  # the later value wins
     rank, world = slurm_array_rank_world()
     rank = args.rank if args.rank is not None else rank
     world = args.world if args.world is not None else world
@@ -61,8 +63,15 @@ def _preprocess(args) -> int:
                          world=world, progress=not args.quiet)
     print(f"rank {rank}/{world}: {summary['processed']} shard(s) processed, {summary['already_done']} already "
           f"done, {summary['documents']} documents from {summary['samples']} samples in {summary['seconds']:.1f}s")
+    if summary["skipped"]:
+        # printed even with --quiet (which only hides the progress bar): a skip is data lost from training
+        print(f"skipped, by reason (first keys; each shard's {os.path.join(args.out, 'shards', 'NAME.json')} "
+              "lists them):")
+        print("\n".join(skip_lines(summary)))
     if summary["manifest"]:
-        print(f"wrote {os.path.join(args.out, 'manifest.json')}")
+        totals = read_json(os.path.join(args.out, MANIFEST), "the manifest just written is unreadable")["totals"]
+        print(f"wrote {os.path.join(args.out, MANIFEST)}: {totals['documents']} documents from "
+              f"{totals['samples']} samples, {totals['tokens'].get('total', 0)} tokens, in all shards")
     else:
         print("manifest.json not written yet: other ranks' shards are still missing")
     return 0

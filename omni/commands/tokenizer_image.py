@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-DATA_HELP = ("an image folder (recursive), an image file, a WebDataset .tar shard, a quoted glob, or "
-             "photos:train / photos:heldout (scikit-image's photos, offline); repeat the flag for more")
+DATA_HELP = ("image folders (recursive), image files, WebDataset .tar shards, quoted globs, or "
+             "photos:train / photos:heldout (scikit-image's photos, offline); several after one flag, or the "
+             "flag repeated")
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -18,18 +19,20 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         help="train the VQ image tokenizer",
         description="Train a VQGAN-family image tokenizer (quantizer: vq, fsq, lfq or nearest) on random "
         "crops of images, evaluate it on held-out images, and write a tokenizer folder that "
-        "`omni tokenizer bundle --image DIR` takes. An existing run in --out is resumed. Unreadable "
-        "files, corrupt or tiny images are skipped and counted.",
+        "`omni tokenizer bundle --image DIR` takes. An existing run in --out is resumed (a finished one is "
+        "left as it is, saying so). Unreadable files, corrupt or tiny images are skipped and counted.",
         epilog=help_text(ImageTrainConfig),
         formatter_class=Formatter,
     )
-    p.add_argument("--data", action="append", required=True, metavar="DIR_OR_SHARDS", help=DATA_HELP)
-    p.add_argument("--eval-data", action="append", metavar="DIR_OR_SHARDS",
+    # one convention for every tokenizer command: `--data a b` and `--data a --data b` both give [a, b]
+    p.add_argument("--data", action="extend", nargs="+", required=True, metavar="DIR_OR_SHARDS", help=DATA_HELP)
+    p.add_argument("--eval-data", action="extend", nargs="+", metavar="DIR_OR_SHARDS",
                    help="held-out images for periodic and final eval, as --data (default: crops of the training images)")
     p.add_argument("--config", metavar="YAML",
                    help="a recipe whose tokenizer.image section is read (e.g. recipes/tokenizers/image_vq.yaml)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (tokenizer, checkpoints, logs)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a run")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if --out holds a run (a finished run is otherwise left as it is)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
     p.set_defaults(func=_train)
@@ -51,7 +54,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
         formatter_class=Formatter,
     )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="image tokenizer folder or bundle")
-    p.add_argument("--data", action="append", required=True, metavar="DIR_OR_SHARDS", help=DATA_HELP)
+    p.add_argument("--data", action="extend", nargs="+", required=True, metavar="DIR_OR_SHARDS", help=DATA_HELP)
     p.add_argument("--out", metavar="FILE", help="also write the JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="ImageEvalConfig overrides, see below")
     p.set_defaults(func=lambda args: _alias("image-tokenizer", "image", args))
@@ -60,7 +63,23 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 def _alias(suite: str, section: str, args) -> int:
     from omni.commands.eval import alias
 
+    _split_data(args)
     return alias(suite, section, args)
+
+
+def _split_data(args) -> None:
+    """``--data`` takes several values, so it swallows the ``key=value`` overrides that follow it: move
+    them back, before the trailing ones (which stood after them on the command line: the later wins)."""
+    from omni.cli import split_overrides
+
+    swallowed = []
+    for name in ("data", "eval_data"):
+        values = getattr(args, name, None)
+        if values:
+            plain, extra = split_overrides(values)
+            setattr(args, name, plain)
+            swallowed += extra
+    args.overrides = swallowed + list(args.overrides)
 
 
 def load_image_recipe(recipe: str | None, overrides: list[str]):
@@ -77,8 +96,9 @@ def _train(args) -> int:
     from omni.eval.tokenizers import ImageEvaluator
     from omni.tokenizers.image_train import train_image_tokenizer
 
+    _split_data(args)
     cfg = load_image_recipe(args.config, list(args.overrides))
+    # the trainer says what it did: trained and wrote --out, or found the run there finished already
     train_image_tokenizer(args.data, args.out, cfg, ImageEvaluator(args.eval_data, cfg, train_data=args.data),
                           resume=not args.no_resume, progress=not args.quiet)
-    print(f"wrote {args.out}")
     return 0

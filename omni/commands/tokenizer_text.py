@@ -20,8 +20,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "section)",
         formatter_class=Formatter,
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILES_OR_GLOBS",
-                   help="text files, folders or globs (quote globs; ** recurses)")
+    # one convention for every tokenizer command: `--input a b` and `--input a --input b` both give [a, b]
+    p.add_argument("--input", action="extend", nargs="+", required=True, metavar="FILES_OR_GLOBS",
+                   help="text files, folders or globs (quote globs; ** recurses); several after one flag, or "
+                   "the flag repeated")
     p.add_argument("--config", metavar="YAML", help="a recipe to start from (its tokenizer.text section is used)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -36,8 +38,9 @@ def _train(args) -> int:
     from omni.tokenizers.text import train_text_tokenizer
 
     inputs, extra = split_overrides(args.input)  # `--input a.txt vocab_size=9` also works
-    overrides = list(args.overrides) + extra
-    layout = [o for o in overrides if o.split("=", 1)[0] == "n_reserved_specials"]  # the bundle's key
+    overrides = extra + list(args.overrides)  # the later value wins
+    # the bundle's key, relative or in full
+    layout = [o for o in overrides if o.split("=", 1)[0] in ("n_reserved_specials", "tokenizer.n_reserved_specials")]
     cfg = load_section("tokenizer.text", args.config, [o for o in overrides if o not in layout])
     n_reserved = load_section("tokenizer", args.config, layout).n_reserved_specials
     text = train_text_tokenizer(inputs, cfg, progress=not args.quiet)

@@ -23,8 +23,10 @@ class PreprocessConfig:
     log_skipped: int = 1000
     """At most this many skipped samples per shard are listed (key, reason) in its manifest; all are counted."""
     max_skip_fraction: float = 0.1
-    """A run whose skipped share of the samples read is above this fails (after writing its manifest),
-    naming the count of each reason; so is a run that writes no document at all. 1.0: never fail."""
+    """A run whose skipped share of the samples read, or of its shards broken by corruption (a shard
+    unreadable from its start adds no sample to count), is above this fails (after writing its
+    manifest), naming the count of each reason; so does a run that writes no document at all, whatever
+    this is. 1.0: fail only then."""
 
     def __post_init__(self) -> None:
         check_choice(self.pair_order, "pair_order", ("media_first", "text_first", "random"))

@@ -170,7 +170,7 @@ class ImageTrainConfig:
     eval_crops_per_image: int = 16
     """Held-out crops per eval image (0: one whole image per file, by the resize/center-crop rule)."""
     eval_max_images: int = 2048
-    """At most this many eval crops/images."""
+    """At most this many eval crops in all (eval_crops_per_image per image until the cap)."""
     log_every: int = 10
     """Write a metrics.jsonl row every this many steps."""
     save_every: int = 500

@@ -233,9 +233,14 @@ def preprocess(
     wrote = write_manifest(out, tok, cfg, names)
     if wrote:
         check_skip_rate(out, cfg)
+    if world > 1 and mine:
+        # The run-level check above runs on the rank that happens to finish last; a rank whose own shards
+        # gave nothing must say so itself, or its Slurm task exits 0 with "0 documents from 0 samples".
+        check_rank(out, [n for _, n, _ in mine], rank, world, wrote)
     return {"shards_total": len(shards), "shards_mine": len(mine), "processed": len(done),
             "already_done": len(mine) - len(todo), "manifest": wrote, "seconds": time.time() - t0,
-            "samples": sum(d["samples"] for d in done), "documents": sum(d["documents"] for d in done)}
+            "samples": sum(d["samples"] for d in done), "documents": sum(d["documents"] for d in done),
+            **skip_summary(done)}
 
 
 def _check_same_run(out: Path, tok, cfg: PreprocessConfig, n_shards: int) -> None:
@@ -254,20 +259,95 @@ def _check_same_run(out: Path, tok, cfg: PreprocessConfig, n_shards: int) -> Non
         atomic_write_text(marker, json.dumps(want, indent=1) + "\n")
 
 
+EXAMPLE_KEYS = 3
+"""Sample keys named per skip reason on the console and in error messages."""
+
+
+def skip_summary(entries: list[dict], n_keys: int = EXAMPLE_KEYS) -> dict:
+    """Skips of some shards' entries: ``skipped`` (reason -> count), ``skip_examples`` (reason -> the
+    first ``n_keys`` sample keys, in shard order; a ``corrupt_shard`` key is the shard's file name) and
+    ``skip_details`` (reason -> what was wrong with the first of them)."""
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    details: dict[str, str] = {}
+    for e in entries:
+        skipped.update(e["skipped"])
+        for key, reason, *detail in e.get("skipped_samples", []):
+            keys = examples.setdefault(reason, [])
+            if len(keys) < n_keys:
+                keys.append(key)
+            details.setdefault(reason, detail[0] if detail else "")
+    return {"skipped": dict(sorted(skipped.items())),
+            "skip_examples": {r: examples.get(r, []) for r in sorted(skipped)},
+            "skip_details": {r: details[r] for r in sorted(skipped) if details.get(r)}}
+
+
+def _keys(summary: dict, reason: str) -> str:
+    keys = summary["skip_examples"].get(reason, [])
+    more = ", ..." if summary["skipped"][reason] > len(keys) else ""
+    return f" ({', '.join(keys)}{more})" if keys else ""
+
+
+def skip_lines(summary: dict) -> list[str]:
+    """One console line per skip reason: its count and the first sample keys."""
+    return [f"  {reason}: {n}{_keys(summary, reason)}" for reason, n in summary["skipped"].items()]
+
+
+def _reasons(summary: dict, detail_chars: int = 120) -> str:
+    """The skip reasons on one line (error messages), each with its first keys and what was wrong with
+    the first: ``2 corrupt_image (a, b; first: cannot identify image file), 1 bad_json (c; first: ...)``."""
+    parts = []
+    for r, n in summary["skipped"].items():
+        keys, detail = _keys(summary, r), summary.get("skip_details", {}).get(r, "")[:detail_chars]
+        if detail:
+            keys = f"{keys[:-1]}; first: {detail})" if keys else f" (first: {detail})"
+        parts.append(f"{n} {r}{keys}")
+    return ", ".join(parts) or "no sample read"
+
+
+def _entries(out: Path, names: list[str]) -> list[dict]:
+    return [json.loads((out / "shards" / f"{n}.json").read_text()) for n in names]
+
+
 def check_skip_rate(out: Path, cfg: PreprocessConfig) -> None:
     """Fail (OmniError, exit 2) when the finished run skipped more than ``cfg.max_skip_fraction`` of
     the samples it read, or wrote no document; the manifest is already written, and named."""
-    totals = json.loads((out / MANIFEST).read_text())["totals"]
-    samples, docs, skipped = totals["samples"], totals["documents"], totals["skipped"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    totals = manifest["totals"]
+    samples, docs = totals["samples"], totals["documents"]
     share = (samples - docs) / samples if samples else 1.0
-    if docs and share <= cfg.max_skip_fraction:
+    # a shard that breaks (unreadable from its start: no sample counted at all) is measured by shards
+    broken = sum(1 for e in manifest["shards"] if e["skipped"].get("corrupt_shard"))
+    shard_share = broken / max(1, len(manifest["shards"]))
+    if docs and share <= cfg.max_skip_fraction and shard_share <= cfg.max_skip_fraction:
         return
-    reasons = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "no sample read"
-    what = (f"wrote no document ({samples} samples read)" if not docs else
-            f"skipped {share:.1%} of {samples} samples, above data.preprocess.max_skip_fraction="
-            f"{cfg.max_skip_fraction}")
-    raise OmniError(f"{out}: the run {what}: {reasons}; the manifest and each shard's NAME.json list the "
-                    "skipped samples (raise max_skip_fraction to accept the rest)")
+    reasons = _reasons(skip_summary(_entries(out, [e["name"] for e in manifest["shards"]])))
+    n_shards = len(manifest["shards"])
+    if not docs:  # no limit accepts an empty dataset: the input itself is wrong
+        raise OmniError(f"{out}: the run wrote no document: {samples} samples read from {n_shards} shard(s); "
+                        f"skipped: {reasons}. Nothing to train on: check the --input shards (their format is "
+                        f"in docs/data.md); {out / MANIFEST} and each shard's NAME.json list the skipped samples")
+    what = (f"skipped {share:.1%} of {samples} samples" if share > cfg.max_skip_fraction else
+            f"lost {broken} of {n_shards} shards to corruption ({shard_share:.1%})")
+    raise OmniError(f"{out}: the run {what}, above data.preprocess.max_skip_fraction={cfg.max_skip_fraction}: "
+                    f"{reasons}; the manifest and each shard's NAME.json list the skipped samples (raise "
+                    "max_skip_fraction to accept the rest)")
+
+
+def check_rank(out: Path, names: list[str], rank: int, world: int, manifest_written: bool) -> None:
+    """Fail (OmniError, exit 2) when this rank's shards, all done, wrote no document: the run-level
+    check runs only where the manifest is written, and an unreadable shard adds no sample to its
+    skipped share, so a lost shard would otherwise pass unseen."""
+    entries = _entries(out, names)
+    if any(e["documents"] for e in entries):
+        return
+    samples = sum(e["samples"] for e in entries)
+    later = ("" if manifest_written else
+             "; the other ranks' shards are not all done, so manifest.json is not written yet")
+    raise OmniError(f"rank {rank}/{world}: this rank's {len(entries)} shard(s) wrote no document ({samples} "
+                    f"samples read); skipped: {_reasons(skip_summary(entries))}{later}. Repair or replace those "
+                    f"shards (their format is in docs/data.md), delete their NAME.json in {out / 'shards'} and "
+                    "rerun this rank")
 
 
 def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> bool:

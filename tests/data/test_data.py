@@ -245,6 +245,21 @@ def test_truncated_shard_keeps_what_was_read(tmp_path, bundle_dir, real_samples)
     assert (tmp_path / "none" / "manifest.json").is_file()
 
 
+def test_a_shard_lost_whole_counts_against_the_skip_limit(tmp_path, bundle_dir, real_samples):
+    """A shard unreadable from its start adds no sample to the skipped share; it is counted by shards:
+    one lost of three is above max_skip_fraction=0.1 (it used to pass with exit 0)."""
+    from omni.data.preprocess import preprocess
+
+    paths = _write_shards(real_samples[:12], tmp_path / "raw", per_shard=4)
+    assert len(paths) == 3
+    paths[0].write_bytes(b"\x00" * 10)  # not a tar at all
+    with pytest.raises(OmniError, match=r"lost 1 of 3 shards to corruption \(33.3%\), above data.preprocess"):
+        preprocess([str(q) for q in paths], bundle_dir, tmp_path / "tok", PreprocessConfig(), progress=False)
+    out = preprocess([str(q) for q in paths], bundle_dir, tmp_path / "ok", PreprocessConfig(max_skip_fraction=0.5),
+                     progress=False)
+    assert out["documents"] == 8
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -388,3 +403,52 @@ def test_tokenizer_refusal_skips_but_a_bug_stops_the_run_naming_the_sample(tmp_p
     with pytest.raises(RuntimeError, match=r"preprocessing sample 's1' of .*part-000.tar failed with ZeroDivisionError"):
         preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "bug", progress=False)
     assert not (tmp_path / "bug" / "manifest.json").exists()
+
+
+def test_a_rank_whose_every_shard_is_corrupt_exits_2_naming_reasons_and_keys(tmp_path, bundle_dir, real_samples):
+    """Issue #20, bug 2: every shard of a Slurm array task unreadable: the task used to exit 0 with
+    "0 documents from 0 samples" (only the rank writing the manifest checked the run). Now the rank
+    fails itself, naming each reason's count and the first keys; a run with no readable shard at
+    all names them too."""
+    bad = tmp_path / "raw" / "part-000.tar"
+    _write_shards(real_samples[:4], tmp_path / "raw", per_shard=2)  # part-000 (rank 0), part-001 (rank 1)
+    bad.write_bytes(b"not a tar archive at all" * 40)
+    common = ["data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir, "--out",
+              tmp_path / "tok", "--quiet", "--world", "2"]
+    rc, out, err = run_cli(*common, "--rank", "0")
+    assert rc == 2, (out, err)
+    assert "rank 0/2" in err and "wrote no document" in err and "1 corrupt_shard (part-000.tar; first: " in err, err
+    assert "manifest.json is not written yet" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run_cli(*common, "--rank", "0")  # the rerun of the failed task fails again
+    assert rc == 2 and "1 corrupt_shard (part-000.tar; first: " in err, err
+    rc, out, err = run_cli(*common, "--rank", "1")  # the good rank writes the manifest; the run lost half its shards
+    assert rc == 2 and "lost 1 of 2 shards to corruption" in err, err
+    assert (tmp_path / "tok" / "manifest.json").is_file()
+    rc, out, err = run_cli(*common, "--rank", "1", "max_skip_fraction=0.5")  # accepted with a higher limit
+    assert rc == 0, err
+
+    for i in (1, 2):  # a single-rank run over shards that are all unreadable
+        (tmp_path / "raw" / f"part-00{i}.tar").write_bytes(b"")
+    (tmp_path / "raw" / "part-001.tar").write_bytes(b"\0" * 100)
+    rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw" / "part-000.tar", "--input",
+                           tmp_path / "raw" / "part-001.tar", tmp_path / "raw" / "part-002.tar", "--tokenizer",
+                           bundle_dir, "--out", tmp_path / "all_bad", "--quiet")
+    assert rc == 2 and "wrote no document: 0 samples read from 3 shard(s)" in err, err
+    assert "3 corrupt_shard (part-000.tar, part-001.tar, part-002.tar; first: " in err, err
+
+
+def test_cli_prints_skip_reasons_with_counts_and_first_keys(tmp_path, bundle_dir, real_samples):
+    """Issue #20, friction 14: a run that skips a few samples lists each reason's count and first
+    keys on stdout (with --quiet too), not only in manifest.json."""
+    pic = real_samples[0]["png"]
+    samples = [{**s, "__key__": f"{s['__key__']}_{i}"} for i, s in enumerate(real_samples * 2)]  # 44 good
+    samples[5:5] = [{"__key__": "bad_img", "png": pic[: len(pic) // 2], "txt": "truncated png"}]
+    samples[30:30] = [{"__key__": "bad_img2", "jpg": b"not a jpeg", "txt": "garbage"},
+                      {"__key__": "bad_utf8", "txt": b"\xff\xfe caf\xe9"}]
+    _write_shards(samples, tmp_path / "raw", per_shard=16)
+    rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
+                           "--out", tmp_path / "tok", "--quiet")
+    assert rc == 0, err
+    assert "44 documents from 47 samples" in out, out
+    assert "  bad_text: 1 (bad_utf8)" in out and "  corrupt_image: 2 (bad_img, bad_img2)" in out, out
+    assert "wrote " in out and "manifest.json: 44 documents from 47 samples" in out, out

@@ -145,7 +145,7 @@ def test_save_load_gives_the_same_codes_and_bundles(trained, text_tokenizer, tmp
     assert end - start - 1 == len(codes)
     assert torch.equal(v.id_to_code(ids[start + 1 : end]), codes)
     doc = bundle.decode(ids)
-    assert doc.text == "say:done"
+    assert doc.text == "say:\ndone"  # text runs around a clip read as lines
     (audio,) = doc.audios
     assert audio.sample_rate == SAMPLE_RATE
     assert abs(len(audio.wave) - len(wave)) < tok.samples_per_step
@@ -257,12 +257,44 @@ def test_cli_train_and_eval(speech_dir, tmp_path):
     assert report["clips"] == 2
 
 
+def test_cli_rerun_of_a_finished_run_does_nothing_and_says_so(speech_dir, tmp_path, monkeypatch):
+    """Issue #20, friction 13: a finished run is not redone (the rerun used to reload every clip and
+    then crash on an empty summary); a run killed after its last checkpoint finishes without training.
+    Overrides right after --data are not taken for data (`--data DIR key=value` works)."""
+    from omni.tokenizers import audio_train
+
+    out = tmp_path / "tok"
+    cmd = ["tokenizer", "train", "audio", "--data", speech_dir / "heldout", *MICRO, "--out", out, "--quiet"]
+    rc, stdout, stderr = run_cli(*cmd)
+    assert rc == 0, stderr
+    summary = out / "train_summary.json"
+    first, stamp = summary.read_text(), summary.stat().st_mtime_ns
+    assert json.loads(first)["steps"] == 3
+
+    def no_data(*a, **k):
+        raise AssertionError("a finished run read its data again")
+
+    monkeypatch.setattr(audio_train, "load_clips", no_data)
+    rc, stdout, stderr = run_cli(*cmd)
+    assert rc == 0, stderr
+    assert "finished already" in stdout and "step 3" in stdout and "wrote" not in stdout, stdout
+    assert summary.read_text() == first and summary.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+
+    summary.unlink()  # killed between its last checkpoint and its summary
+    rc, stdout, stderr = run_cli(*cmd)
+    assert rc == 0, stderr
+    assert "resuming" in stdout and "after 3 steps" in stdout and "train mel L1" in stdout, stdout
+    assert json.loads(summary.read_text())["final"] == json.loads(first)["final"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["tokenizer.token_rate=30"], "tokenizer.token_rate=30.0 is invalid: expected one of 50.0, 25.0, 12.5"),
         (["tokenizer.chunk_seconds=1.02"], "tokenizer.chunk_seconds=1.02 is invalid"),
-        (["tokenizer.codebok_size=8"], "unknown config key 'tokenizer.audio.tokenizer.codebok_size'. Did you mean 'codebook_size'?"),
+        (["tokenizer.codebok_size=8"], "unknown config key 'tokenizer.audio.tokenizer.codebok_size'. Did you mean "
+         "'tokenizer.audio.tokenizer.codebook_size'?"),
         (["train.steps=0"], "train.steps=0 is invalid: expected >= 1"),
     ],
 )

@@ -270,6 +270,73 @@ def test_cli_train_on_messy_folder_resume_and_eval(messy_dir, tmp_path):
     assert "earlier checkpoints were discarded" in stdout and [p.name for p in out.glob("step_*")] == ["step_000001"]
 
 
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(tmp_path, monkeypatch):
+    """Issue #20, friction 13: rerunning a finished training neither reads data nor evaluates again
+    (its final eval over up to 2048 crops takes minutes); it says the run is finished and exits 0.
+    A larger steps= continues the run, --no-resume starts it over. The final eval shows a progress
+    bar of the crops encoded. Overrides right after --data are not taken for data."""
+    from omni.eval.tokenizers import ImageEvaluator
+    from omni.tokenizers import image_train
+
+    out = tmp_path / "run"
+    common = ["tokenizer", "train", "image", "--data", "photos:heldout", "steps=2",  # an override after --data
+              "--eval-data", "photos:heldout", "eval_crops_per_image=2", "--out", str(out),
+              *[f"model.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY.items()],
+              "model.quantizer=fsq", "batch_size=2", "eval_every=0", "log_every=1", "eval_max_images=2"]
+    rc, stdout, stderr = run_cli(*common)  # with its progress bars (on stderr)
+    assert rc == 0, stderr
+    assert "final eval:" in stderr and "crop" in stderr, stderr  # the final eval's bar
+    assert f"wrote {out}" in stdout
+    eval_file = out / "eval.json"
+    first = eval_file.read_text()
+    stamps = {p.name: p.stat().st_mtime_ns for p in [eval_file, out / "model.safetensors", out / "metrics.jsonl"]}
+
+    calls = []
+    monkeypatch.setattr(ImageEvaluator, "__call__", lambda self, tok: calls.append(1) or {})
+    monkeypatch.setattr(image_train, "CropSampler", lambda *a, **k: calls.append("data") or 1 / 0)
+    rc, stdout, stderr = run_cli(*common, "--quiet")
+    assert rc == 0, stderr
+    assert "finished already" in stdout and "step 2" in stdout and "--no-resume" in stdout, stdout
+    assert "wrote" not in stdout and calls == []
+    assert eval_file.read_text() == first
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in [eval_file, out / "model.safetensors",
+                                                            out / "metrics.jsonl"]}
+    monkeypatch.undo()
+
+    # killed after its last checkpoint, before the final eval: the rerun finishes it without training
+    eval_file.unlink()
+    rc, stdout, stderr = run_cli(*common, "--quiet")
+    assert rc == 0 and "its training is done" in stdout and json.loads(eval_file.read_text())["step"] == 2, stdout
+    rc, stdout, stderr = run_cli(*common, "--quiet", "steps=3")
+    assert rc == 0 and "resuming" in stdout and "at step 2" in stdout, stdout
+    assert json.loads(eval_file.read_text())["step"] == 3
+    rc, stdout, stderr = run_cli(*common, "--quiet", "--no-resume")
+    assert rc == 0 and "earlier checkpoints were discarded" in stdout, stdout
+    assert json.loads(eval_file.read_text())["step"] == 2
+
+
+def test_every_tokenizer_command_takes_several_inputs_both_ways():
+    """Issue #20, friction 20: `--data a b` and `--data a --data b` give the same list in every
+    tokenizer command (image used to take only the second form, audio only the first)."""
+    from omni.cli import build_parser
+
+    parser = build_parser()
+    commands = {("tokenizer", "train", "image", "--out", "o"): "data",
+                ("tokenizer", "eval", "image", "--tokenizer", "t"): "data",
+                ("tokenizer", "train", "audio", "--out", "o"): "data",
+                ("tokenizer", "eval", "audio", "--tokenizer", "t"): "data",
+                ("tokenizer", "train", "text", "--out", "o"): "input",
+                ("data", "preprocess", "--tokenizer", "t", "--out", "o"): "input"}
+    for cmd, dest in commands.items():
+        flag = f"--{dest}"
+        one = parser.parse_args([*cmd, flag, "a", "b"])
+        repeated = parser.parse_args([*cmd, flag, "a", flag, "b"])
+        assert getattr(one, dest) == getattr(repeated, dest) == ["a", "b"], cmd
+    train = parser.parse_args(["tokenizer", "train", "image", "--out", "o", "--data", "x", "--eval-data", "a",
+                               "--eval-data", "b", "c"])
+    assert train.eval_data == ["a", "b", "c"]
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 

@@ -84,6 +84,21 @@ def test_cli_accepts_globs_and_folders(tmp_path, corpus_file):
         assert rc == 0, err
 
 
+def test_cli_takes_full_dotted_keys_as_well_as_relative_ones(tmp_path, corpus_file):
+    """Every command takes both key forms (full ones used to fail: 'tokenizer.text.tokenizer.text...')."""
+    import omni
+
+    rc, _, err = run_cli("tokenizer", "train", "text", "--input", corpus_file, "--out", tmp_path / "t", "--quiet",
+                         "tokenizer.text.vocab_size=400", "tokenizer.text.split_digits=false",
+                         "tokenizer.n_reserved_specials=4")
+    assert rc == 0, err
+    tok = omni.UnifiedTokenizer.load(tmp_path / "t")
+    assert tok.text.config.vocab_size == 400 and tok.text.config.split_digits is False
+    from omni.vocab import NAMED_SPECIALS
+
+    assert tok.vocab.n_specials == len(NAMED_SPECIALS) + 4
+
+
 def test_cli_bad_corpus_and_vocab_size(tmp_path, corpus_file):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -93,7 +108,7 @@ def test_cli_bad_corpus_and_vocab_size(tmp_path, corpus_file):
         (["--input", corpus_file, "vocab_size=200000"], "Vocabulary size too high (200000)"),
         (["--input", corpus_file, "vocab_size=10"], "vocab_size=10 is invalid"),
         (["--input", corpus_file, "model_type=wordpiece"], "one of 'bpe', 'unigram'"),
-        (["--input", corpus_file, "vocab_sise=300"], "Did you mean 'vocab_size'"),
+        (["--input", corpus_file, "vocab_sise=300"], "Did you mean 'tokenizer.text.vocab_size'"),
         (["--input", corpus_file, "vocab_size=lots"], "config key 'tokenizer.text.vocab_size': Value 'lots'"),
         (["--input", corpus_file, "--config", tmp_path / "none.yaml"], "config file not found"),
     ]
