@@ -46,9 +46,9 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if cuda else "gloo")
         if backend == "nccl" and not cuda:
-            raise OmniError("parallel.backend=nccl needs GPUs; this machine has none (use gloo or auto)")
+            raise OmniError("parallel.dist_backend=nccl needs GPUs; this machine has none (use gloo or auto)")
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank, world, local, device)
 

@@ -42,6 +42,41 @@ class WandbConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 training through Transformer Engine (train.precision=fp8, parallel.backend=megatron).
+
+    megatron-core builds the TE recipe from these (its ``fp8_utils.get_fp8_recipe``) and runs each
+    transformer layer under TE's FP8 autocast; embeddings, the output layer and the loss stay in bf16.
+    """
+
+    recipe: str = "tensorwise"
+    """'delayed' (per-tensor scales from an amax history, FP8-LM / TE's DelayedScaling), 'tensorwise'
+    (current scaling: the scale of this step's amax), 'blockwise' (128-wide blocks; Hopper) or 'mxfp8'
+    (32-element microscaling blocks; Blackwell only)."""
+    format: str = "hybrid"
+    """'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (both)."""
+    amax_history_len: int = 1024
+    """Steps of amax history kept per tensor ('delayed' only)."""
+    amax_compute_algo: str = "max"
+    """How the scale reads the history: 'max' over it or 'most_recent' ('delayed' only)."""
+    margin: int = 0
+    """Scale down by 2**margin for headroom ('delayed' only)."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and the last transformer layer in bf16 (not with 'delayed')."""
+    fp8_params: bool = False
+    """Keep the GEMM weights themselves in FP8 (less memory; the optimizer keeps an fp32 master copy)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.recipe, "recipe", ("delayed", "tensorwise", "blockwise", "mxfp8"))
+        check_choice(self.format, "format", ("hybrid", "e4m3"))
+        check(self.amax_history_len >= 1, "amax_history_len", self.amax_history_len, ">= 1")
+        check_choice(self.amax_compute_algo, "amax_compute_algo", ("max", "most_recent"))
+        check(self.margin >= 0, "margin", self.margin, ">= 0")
+        check(not (self.first_last_layers_bf16 and self.recipe == "delayed"), "first_last_layers_bf16",
+              self.first_last_layers_bf16, "false with recipe='delayed' (delayed scaling cannot leave layers out)")
+
+
+@dataclass
 class TrainConfig:
     """The training loop: stage, optimizer, schedule, precision, checkpoints and logging."""
 
@@ -76,7 +111,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     precision: str = "fp32"
-    """'fp32', or 'bf16' autocast (weights and optimizer state stay fp32)."""
+    """'fp32'; 'bf16' (autocast on the torch backend, bf16 weights with fp32 master weights in the
+    optimizer on the megatron backend); 'fp8' (Transformer Engine, megatron backend, train.fp8)."""
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    """FP8 settings, used when precision='fp8'."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
     loss_weights: LossWeights = field(default_factory=LossWeights)
@@ -107,7 +145,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice(self.stage, "stage", ("pretrain", "sft"))
         check_choice(self.schedule, "schedule", ("cosine", "wsd", "constant"))
-        check_choice(self.precision, "precision", ("fp32", "bf16"))
+        check_choice(self.precision, "precision", ("fp32", "bf16", "fp8"))
         check(self.steps >= 1, "steps", self.steps, ">= 1")
         check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
         check(self.grad_accum >= 1, "grad_accum", self.grad_accum, ">= 1")
@@ -131,13 +169,35 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the plain-PyTorch backend spreads training over the processes torchrun starts."""
+    """How training is spread over the processes torchrun starts.
 
+    backend 'torch': the plain-PyTorch decoder, data parallel only (DDP or FSDP2). backend 'megatron':
+    the same decoder built on megatron-core (parallel/megatron/), with tensor, pipeline and context
+    parallelism; the data-parallel size is what is left: world / (tensor x pipeline x context).
+    """
+
+    backend: str = "torch"
+    """'torch' (plain PyTorch: DDP / FSDP2) or 'megatron' (megatron-core: TP / PP / CP, FP8 with TE)."""
     strategy: str = "ddp"
-    """With more than one process: 'ddp' (replicated weights) or 'fsdp' (FSDP2 fully_shard)."""
-    backend: str = "auto"
+    """backend=torch, more than one process: 'ddp' (replicated weights) or 'fsdp' (FSDP2 fully_shard)."""
+    dist_backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'."""
+    tensor: int = 1
+    """backend=megatron: tensor-parallel size (Megatron-LM: heads and FFN columns split over ranks)."""
+    pipeline: int = 1
+    """backend=megatron: pipeline-parallel size (layers split into stages; 1F1B schedule)."""
+    virtual_pipeline: int = 1
+    """backend=megatron: model chunks per pipeline stage (the interleaved schedule when > 1)."""
+    context: int = 1
+    """backend=megatron: context-parallel size (the sequence split over ranks; needs Transformer Engine)."""
+    sequence_parallel: bool = False
+    """backend=megatron: shard norms and dropout over the sequence within a TP group (needs tensor > 1)."""
+    distributed_optimizer: bool = False
+    """backend=megatron: shard the optimizer state over data-parallel ranks (ZeRO-1)."""
 
     def __post_init__(self) -> None:
+        check_choice(self.backend, "backend", ("torch", "megatron"))
         check_choice(self.strategy, "strategy", ("ddp", "fsdp"))
-        check_choice(self.backend, "backend", ("auto", "gloo", "nccl"))
+        check_choice(self.dist_backend, "dist_backend", ("auto", "gloo", "nccl"))
+        for key in ("tensor", "pipeline", "virtual_pipeline", "context"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")

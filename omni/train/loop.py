@@ -116,9 +116,11 @@ class Trainer:
         from omni.data.packing import TokenDataset, build_stream
         from omni.io import check_writable
         from omni.model import OmniDecoder
+        from omni.parallel.megatron.config import check_megatron
 
         # Everything a user can get wrong is checked before a process group starts or a step is taken.
         check_run(cfg)
+        check_megatron(cfg)  # the torch backend refuses megatron-only keys; megatron checks its layout
         self.cfg, self.progress, self.resume = cfg, progress, resume
         if not cfg.data.tokenizer:
             raise OmniError("data.tokenizer is not set: give the tokenizer bundle the token datasets were made with")
