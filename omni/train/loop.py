@@ -115,7 +115,6 @@ class Trainer:
         from omni.config import check_run
         from omni.data.packing import TokenDataset, build_stream
         from omni.io import check_writable
-        from omni.model import OmniDecoder
         from omni.parallel.megatron.config import check_megatron
 
         # Everything a user can get wrong is checked before a process group starts or a step is taken.
@@ -130,19 +129,12 @@ class Trainer:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tok.vocab.size))
             self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.parallel)
-        self.stream = build_stream(cfg.data, self.tok, self.info.rank, self.info.world)
+        self.modality_table = self.tok.vocab.modality_table
+        self._build()  # the backend's model(s) and optimizer; sets dp_rank / dp_world
+        self.stream = build_stream(cfg.data, self.tok, self.dp_rank, self.dp_world)
         self.eval_datasets = [TokenDataset(p, self.tok) for p in cfg.data.eval_paths]
         self.out = check_writable(cfg.train.out, "train.out")
-        self.modality_table = self.tok.vocab.modality_table
-
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = OmniDecoder(cfg.model).to(self.info.device)
-        model.set_modality_table(self.modality_table.to(self.info.device))
-        self.model = model
-        self.module = parallelize(model, cfg.parallel, self.info, cfg.train.activation_checkpointing)
         tc = cfg.train
-        self.opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                     eps=tc.eps, foreach=False)
         self.step = 0
         self.bad_in_row = 0
         self.skipped_steps = 0
@@ -162,6 +154,20 @@ class Trainer:
             wandb = {"project": tc.wandb.project, "entity": tc.wandb.entity, "mode": tc.wandb.mode,
                      "name": cfg.name, "config": to_dict(cfg)}
         self.log = MetricsLog(self.out, self.step, tc.tensorboard, self.info.is_main, wandb=wandb)
+
+    def _build(self) -> None:
+        """The plain-PyTorch backend: one OmniDecoder, DDP or FSDP2 over all processes, AdamW."""
+        from omni.model import OmniDecoder
+
+        cfg, tc = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = OmniDecoder(cfg.model).to(self.info.device)
+        model.set_modality_table(self.modality_table.to(self.info.device))
+        self.model = model
+        self.module = parallelize(model, cfg.parallel, self.info, tc.activation_checkpointing)
+        self.opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                     eps=tc.eps, foreach=False)
+        self.dp_rank, self.dp_world = self.info.rank, self.info.world  # every process is a data-parallel rank
 
     # --- state ---------------------------------------------------------------------------
     def _full_states(self) -> tuple[dict, dict]:
@@ -195,8 +201,8 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        """Sequences per optimizer step: micro_batch_size x grad_accum x world."""
-        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.info.world
+        """Sequences per optimizer step: micro_batch_size x grad_accum x data-parallel ranks."""
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.dp_world
 
     def _check_batch(self, path: Path, state: dict) -> None:
         """A resume may change the number of processes, not the global batch. The data stream's
@@ -216,7 +222,7 @@ class Trainer:
                 hint.append(f"{key}={saved // per}")
         raise OmniError(f"cannot resume {path}: it was saved with a global batch of {saved} sequences; this run has "
                         f"{self.global_batch} (micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} x "
-                        f"world {self.info.world}). The number of processes may change, the global batch may not"
+                        f"data-parallel ranks {self.dp_world}). The number of processes may change, the global batch may not"
                         + (f": set {' or '.join(hint)}" if hint else ""))
 
     def _init_weights(self, source: str) -> Path:
@@ -230,7 +236,7 @@ class Trainer:
         UnifiedTokenizer.load(path / TOKENIZER_DIR).check_compatible(
             self.tok.identity(), what=f"train.init_from={source} (the token datasets' bundle)")
         state = load_file(str(path / WEIGHTS_FILE))
-        own = self.model.state_dict()
+        own = self._omni_shapes()
         bad = sorted(k for k in set(own) | set(state)
                      if k not in own or k not in state or own[k].shape != state[k].shape)
         if bad:
@@ -238,10 +244,18 @@ class Trainer:
                                f"{tuple(own[k].shape) if k in own else 'absent'} in this model" for k in bad[:4])
             raise OmniError(f"train.init_from={source}: its weights do not fit model.* of this run ({detail}"
                             f"{' ...' if len(bad) > 4 else ''})")
+        self._load_omni_weights(state)
+        return path
+
+    def _omni_shapes(self) -> dict:
+        """The OmniDecoder state-dict names of this run's model, with their (full) shapes' tensors."""
+        return self.model.state_dict()
+
+    def _load_omni_weights(self, state: dict) -> None:
+        """Set the model to OmniDecoder weights ``state`` (full tensors, every rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))  # FSDP shards it
-        return path
 
     def save(self) -> Path | None:
         model_state, optim_state = self._full_states()  # collective under FSDP: every rank calls it
@@ -346,7 +360,7 @@ class Trainer:
         tc, dev = self.cfg.train, self.info.device
         packers = [DocumentPacker(d, self.cfg.data.seq_len, self.cfg.data.seed, self.tok.vocab, index=i)
                    for i, d in enumerate(self.eval_datasets)]
-        stream = BlendedSequences(packers, None, self.info.rank, self.info.world)
+        stream = BlendedSequences(packers, None, self.dp_rank, self.dp_world)
         sums = torch.zeros(2 + 2 * len(MODALITY_NAMES), dtype=torch.float64)  # [ce sum, count, (sum, count) per modality]
         self.module.eval()
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if tc.precision == "bf16"
@@ -374,21 +388,28 @@ class Trainer:
                 row[f"val_loss_{name}"] = float(sums[2 + 2 * k] / sums[3 + 2 * k])
         return row
 
+    def layout(self) -> str:
+        """How the processes are used, beyond data parallelism (the summary's batch line)."""
+        return ""
+
     def summary(self, resume: str) -> str:
         """What this run is about to do, printed once at start (rank 0)."""
+        from omni.model import count_parameters
+
         tc, dc = self.cfg.train, self.cfg.data
         docs = sum(len(p.ds) for p in self.stream.packers)
         tokens = sum(int(p.ds.lengths.sum()) for p in self.stream.packers)
         planned = tc.steps * self.global_batch * dc.seq_len
         lines = [
-            f"model: {self.model.num_parameters() / 1e6:.2f}M parameters ({self.cfg.model.n_layers} layers, "
+            f"model: {count_parameters(self.cfg.model) / 1e6:.2f}M parameters ({self.cfg.model.n_layers} layers, "
             f"dim {self.cfg.model.dim}, vocab {self.cfg.model.vocab_size})",
             f"data: {len(dc.paths)} dataset(s), {docs:,} documents, {tokens:,} tokens"
             + (f" (weights {', '.join(f'{w:.2f}' for w in self.stream.weights)})" if len(dc.paths) > 1 else "")
             + (f"; validation on {len(dc.eval_paths)} held-out dataset(s) every {tc.eval_every} steps"
                if tc.eval_every else ""),
             f"batch: {self.global_batch} sequences of {dc.seq_len} tokens per step = micro_batch_size "
-            f"{tc.micro_batch_size} x grad_accum {tc.grad_accum} x world {self.info.world}",
+            f"{tc.micro_batch_size} x grad_accum {tc.grad_accum} x world {self.dp_world}"
+            + self.layout(),
             f"plan: {tc.steps:,} steps, {planned:,} tokens ({planned / max(tokens, 1):.2f} epochs of the blend)",
         ]
         if self.resumed_from is not None:
