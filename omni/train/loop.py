@@ -408,7 +408,7 @@ class Trainer:
             + (f"; validation on {len(dc.eval_paths)} held-out dataset(s) every {tc.eval_every} steps"
                if tc.eval_every else ""),
             f"batch: {self.global_batch} sequences of {dc.seq_len} tokens per step = micro_batch_size "
-            f"{tc.micro_batch_size} x grad_accum {tc.grad_accum} x world {self.dp_world}"
+            f"{tc.micro_batch_size} x grad_accum {tc.grad_accum} x data-parallel {self.dp_world}"
             + self.layout(),
             f"plan: {tc.steps:,} steps, {planned:,} tokens ({planned / max(tokens, 1):.2f} epochs of the blend)",
         ]
@@ -480,6 +480,10 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:
     import torch.distributed as dist
 
     try:
+        if cfg.parallel.backend == "megatron":
+            from omni.train.megatron import MegatronTrainer
+
+            return MegatronTrainer(cfg, resume, progress).run()
         return Trainer(cfg, resume, progress).run()
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint now, but say which one there is
         found = list_checkpoints(cfg.train.out)
@@ -488,6 +492,10 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:
                   "aborted without saving; no checkpoint was written", file=sys.stderr, flush=True)
         raise
     finally:
+        if cfg.parallel.backend == "megatron":
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
 

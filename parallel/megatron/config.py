@@ -47,6 +47,11 @@ def probe() -> Machine:
     return Machine(te, cap)
 
 
+CPU_SHIM_ENV = "OMNI_MEGATRON_CPU_SHIM"
+"""Set only by the tests' CPU shim (tests/megatron/shim.py), which redirects megatron-core's CUDA
+calls to the CPU: then the megatron backend runs on gloo processes without a GPU."""
+
+
 def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
@@ -68,6 +73,9 @@ def check_megatron(cfg, world: int | None = None, machine: Machine | None = None
         return
     machine = machine or probe()
     world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if machine.capability is None and not os.environ.get(CPU_SHIM_ENV):
+        _fail("parallel.backend=megatron needs CUDA GPUs: megatron-core allocates on the GPU even in its local "
+              "layer spec (this machine has none); train here with parallel.backend=torch")
     if m.n_heads % p.tensor or m.n_kv_heads % p.tensor:
         _fail(f"parallel.tensor={p.tensor} must divide model.n_heads={m.n_heads} and model.n_kv_heads="
               f"{m.n_kv_heads} (a tensor-parallel rank holds whole query groups)")
@@ -174,6 +182,14 @@ def transformer_config_kwargs(cfg) -> dict:
         "bf16": half,
         "params_dtype": torch.bfloat16 if half else torch.float32,
         "pipeline_dtype": torch.bfloat16 if half else torch.float32,  # required for PP > 1
+        # Interleaved schedule: overlapped, unbatched p2p (Megatron-LM's default with a virtual pipeline).
+        # Batched p2p with PP=2 on gloo matches the send/recv of the one peer in the wrong order: a
+        # loss off by ~0.01-0.05 and wrong gradients, no error (tests/megatron/ reproduce it).
+        "overlap_p2p_comm": p.virtual_pipeline > 1,
+        "batch_p2p_comm": p.virtual_pipeline == 1,
+        # The local spec's attention softmax in fp32 under bf16, as omni's SDPA accumulates (no-op in fp32;
+        # TE's fused attention ignores it)
+        "attention_softmax_in_fp32": True,
         **fp8_kwargs(t),
     }
     return kw

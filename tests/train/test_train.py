@@ -437,7 +437,7 @@ def test_resume_under_another_world_size_with_the_same_global_batch(tmp_path, te
                        cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world 2" in r.stdout and "resumed from" in r.stdout
+    assert "data-parallel 2" in r.stdout and "resumed from" in r.stdout
     a, b = dict(_losses(tmp_path / "one")), dict(_losses(tmp_path / "mixed"))
     assert sorted(b) == [3, 4]
     for step in (3, 4):
@@ -456,7 +456,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text_run):
     assert rc == 130, err
     (ckpt,) = (tmp_path / "run").glob("step_*")
     assert f"SIGINT: saved {ckpt}" in stdout and verify(ckpt) is None and "Ctrl-C again to abort" in err
-    assert "batch: 4 sequences of 64 tokens per step = micro_batch_size 4 x grad_accum 1 x world 1" in stdout
+    assert "batch: 4 sequences of 64 tokens per step = micro_batch_size 4 x grad_accum 1 x data-parallel 1" in stdout
     assert "start: step 0 from random init (no checkpoint in" in stdout
     rc, stdout, err = run_cli("train", recipe, "--quiet", "train.steps=" + str(int(ckpt.name[5:]) + 1))
     assert rc == 0 and f"resumed from {ckpt} (--resume auto" in stdout, err
