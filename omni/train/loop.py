@@ -93,11 +93,13 @@ class _StopFlag:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings), none on norms and biases."""
+    """Weight decay on matrices (linears, embeddings), none on norms and biases: the per-head QK-norm
+    weights are 2-D [heads, head_dim] but norms (the megatron backend's rule too)."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            norm = p.dim() < 2 or ".q_norm." in name or ".k_norm." in name
+            (no_decay if norm else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

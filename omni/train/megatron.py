@@ -353,8 +353,7 @@ class MegatronTrainer(Trainer):
         else:
             for i, c in enumerate(self.chunks):
                 c.load_state_dict(loaded[f"model{i}"])
-        self.opt.load_state_dict(loaded["optimizer"])
-        self._own_step_per_parameter()
+        self._load_optimizer(loaded["optimizer"], applied=state["step"] - state["skipped_steps"])
         self.stream.load_state_dict(state["data"])
         self.step = state["step"]
         self.bad_in_row, self.skipped_steps = state["bad_in_row"], state["skipped_steps"]
@@ -378,11 +377,40 @@ class MegatronTrainer(Trainer):
                         st["exp_avg"] = torch.zeros_like(prm, memory_format=torch.preserve_format)
                         st["exp_avg_sq"] = torch.zeros_like(prm, memory_format=torch.preserve_format)
 
-    def _own_step_per_parameter(self) -> None:
-        """After a load megatron hands every parameter the SAME 'step' tensor; torch's Adam increments
-        it in place once per parameter, so the bias correction would be wrong from the first step
-        after every resume. Each parameter gets its own copy."""
+    def _load_optimizer(self, state: dict, applied: int) -> None:
+        """Load megatron's optimizer state, with omni's own handling of torch Adam's ``step``.
+
+        megatron-core 0.16 with torch's Adam (no TE / apex) gets the step wrong twice: (1) its
+        DistributedOptimizer's fully reshardable load leaves ``step`` out of the tensors it hands to
+        ``_set_main_param_and_optimizer_states``, which then copies every state key, ``step``
+        included (KeyError); this optimizer's copy takes the keys the checkpoint has; (2) every
+        load gives all parameters ONE shared ``step`` tensor, which Adam increments in place once
+        per parameter (the bias correction wrong from the first step after a resume). So each
+        parameter gets its own step, set to the updates this run applied (steps minus skipped ones).
+        """
+        for opt in getattr(self.opt, "chained_optimizers", [self.opt]):
+            if hasattr(opt, "model_param_group_index_map"):  # a DistributedOptimizer
+                opt._set_main_param_and_optimizer_states = _setter_of_present_keys(opt)
+        try:
+            self.opt.load_state_dict(state)
+        finally:
+            for opt in getattr(self.opt, "chained_optimizers", [self.opt]):
+                opt.__dict__.pop("_set_main_param_and_optimizer_states", None)
         for inner in self._inner_optimizers():
             for st in inner.state.values():
-                if "step" in st and torch.is_tensor(st["step"]):
-                    st["step"] = st["step"].detach().clone()
+                if "step" in st:
+                    st["step"] = torch.tensor(float(applied))
+
+
+def _setter_of_present_keys(opt):
+    """``opt._set_main_param_and_optimizer_states`` that copies only the state keys the checkpoint
+    holds (the main parameter and Adam's moments; ``step`` is set afterwards, per parameter)."""
+
+    def setter(model_param, tensors: dict) -> None:
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **opt.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    return setter
