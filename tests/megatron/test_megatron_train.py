@@ -85,7 +85,7 @@ def _close(a: dict, b: dict, rel: float) -> float:
     return worst
 
 
-def test_tensor_parallel_training_equals_the_torch_backend_and_resumes_at_another_layout(tmp_path, data):
+def test_tp2_pp2_training_equals_the_torch_backend_and_resumes_at_tp1_pp2(tmp_path, data):
     from omni.config import RunConfig, load_config
     from omni.train.loop import train
 
@@ -93,10 +93,11 @@ def test_tensor_parallel_training_equals_the_torch_backend_and_resumes_at_anothe
     ref = _recipe(data, tmp_path / "torch")
     train(load_config(RunConfig, ref), resume="none", progress=False)
 
-    # megatron TP=2 (2 processes, DP=1) with the DistributedOptimizer, through the real CLI
+    # megatron TP=2 x PP=2 (4 processes, DP=1) with the DistributedOptimizer, through the real CLI
     tp2 = _recipe(data, tmp_path / "tp2")
-    r = _torchrun(2, tp2, "parallel.backend=megatron", "parallel.tensor=2", "parallel.distributed_optimizer=true")
-    assert "megatron-core: tensor 2 x pipeline 1 x data 1, distributed optimizer" in r.stdout
+    r = _torchrun(4, tp2, "parallel.backend=megatron", "parallel.tensor=2", "parallel.pipeline=2",
+                  "parallel.distributed_optimizer=true")
+    assert "megatron-core: tensor 2 x pipeline 2 x data 1, distributed optimizer" in r.stdout
     a, b = _rows(tmp_path / "torch"), _rows(tmp_path / "tp2")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for s in a:
@@ -110,7 +111,7 @@ def test_tensor_parallel_training_equals_the_torch_backend_and_resumes_at_anothe
     model, _ = omni.load(tmp_path / "tp2" / "step_000006", device="cpu")
     assert model.config.n_layers == 2
 
-    # resume step 3 of the TP=2 run at TP=1 x PP=2 (dist_checkpointing reshards model and optimizer
+    # resume step 3 of the TP=2 x PP=2 run at TP=1 x PP=2 (dist_checkpointing reshards model and optimizer
     # state): steps 4-6 as in the uninterrupted run. Loading the optimizer used to give every
     # parameter one shared Adam step counter (the bias correction of every later step wrong).
     (tmp_path / "pp2").mkdir()
