@@ -42,6 +42,11 @@ def data(tmp_path_factory, text_tokenizer):
         for i, t in enumerate(topics[:40]):
             w.write({"__key__": f"t{i:04d}", "txt": t[:1000].encode()})
     preprocess([str(root / "raw")], root / "tok", root / "tokens", progress=False)
+    (root / "raw_heldout").mkdir()  # other topics: a held-out split by content
+    with wds.TarWriter(str(root / "raw_heldout" / "text-000.tar")) as w:
+        for i, t in enumerate(topics[40:50]):
+            w.write({"__key__": f"h{i:04d}", "txt": t[:1000].encode()})
+    preprocess([str(root / "raw_heldout")], root / "tok", root / "heldout", progress=False)
     return root
 
 
@@ -129,13 +134,19 @@ def test_tp2_pp2_training_equals_the_torch_backend_and_resumes_at_tp1_pp2(tmp_pa
 
 def test_data_parallel_with_the_distributed_optimizer_equals_one_process(tmp_path, data):
     """DP=2 (ZeRO-1 over 2 ranks, half the micro-batches each) equals megatron on one process."""
-    one = _recipe(data, tmp_path / "one", steps=4, save_every=100)
-    _torchrun(1, one, "parallel.backend=megatron")
-    dp2 = _recipe(data, tmp_path / "dp2", steps=4, save_every=100, grad_accum=1)
-    r = _torchrun(2, dp2, "parallel.backend=megatron", "parallel.distributed_optimizer=true")
+    held = f"data.eval_paths=[{data / 'heldout'}]"
+    one = _recipe(data, tmp_path / "one", steps=4, save_every=100, eval_every=2, eval_batches=2)
+    _torchrun(1, one, "parallel.backend=megatron", held)
+    dp2 = _recipe(data, tmp_path / "dp2", steps=4, save_every=100, grad_accum=1, eval_every=2, eval_batches=1)
+    r = _torchrun(2, dp2, "parallel.backend=megatron", "parallel.distributed_optimizer=true", held)
     assert "micro_batch_size 2 x grad_accum 1 x data-parallel 2" in r.stdout
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "dp2")
     for s in (1, 2, 3, 4):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-6), s
+    # validation: the same held-out sequences split over the 2 replicas (1 batch each vs 2 on one)
+    for s in (2, 4):
+        assert b[s]["val_tokens"] == a[s]["val_tokens"] > 0
+        assert b[s]["val_loss"] == pytest.approx(a[s]["val_loss"], rel=1e-6), s
+    assert a[4]["val_loss"] < a[2]["val_loss"]
     _close(_weights(tmp_path / "dp2" / "step_000004"), _weights(tmp_path / "one" / "step_000004"), rel=1e-5)
     assert torch.get_num_threads() >= 1
