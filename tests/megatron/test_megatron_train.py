@@ -148,5 +148,19 @@ def test_data_parallel_with_the_distributed_optimizer_equals_one_process(tmp_pat
         assert b[s]["val_tokens"] == a[s]["val_tokens"] > 0
         assert b[s]["val_loss"] == pytest.approx(a[s]["val_loss"], rel=1e-6), s
     assert a[4]["val_loss"] < a[2]["val_loss"]
+
+    # train.init_from on the megatron backend (TP=2) starts from the same weights as on the torch backend
+    from omni.config import RunConfig, load_config
+    from omni.train.loop import train
+
+    init = f"train.init_from={tmp_path / 'one'}"  # a run folder: its newest intact step (4, with omni weights)
+    ft_torch = _recipe(data, tmp_path / "ft_torch", steps=1, warmup_steps=0)
+    train(load_config(RunConfig, ft_torch, overrides=[init]), resume="none", progress=False)
+    ft_tp2 = _recipe(data, tmp_path / "ft_tp2", steps=1, warmup_steps=0)
+    r = _torchrun(2, ft_tp2, "parallel.backend=megatron", "parallel.tensor=2", init)
+    assert "start: step 0 with the weights of" in r.stdout
+    first_torch, first_tp2 = _rows(tmp_path / "ft_torch")[1], _rows(tmp_path / "ft_tp2")[1]
+    assert first_tp2["loss"] == pytest.approx(first_torch["loss"], rel=1e-6)
+    assert first_torch["loss"] < a[1]["loss"] - 0.05  # not the random init's loss
     _close(_weights(tmp_path / "dp2" / "step_000004"), _weights(tmp_path / "one" / "step_000004"), rel=1e-5)
     assert torch.get_num_threads() >= 1
