@@ -164,3 +164,32 @@ def test_data_parallel_with_the_distributed_optimizer_equals_one_process(tmp_pat
     assert first_torch["loss"] < a[1]["loss"] - 0.05  # not the random init's loss
     _close(_weights(tmp_path / "dp2" / "step_000004"), _weights(tmp_path / "one" / "step_000004"), rel=1e-5)
     assert torch.get_num_threads() >= 1
+
+
+def test_sigterm_saves_a_megatron_checkpoint_and_the_rerun_resumes(tmp_path, data):
+    """Preemption on the megatron backend: SIGTERM to the launcher reaches every rank, which finish the
+    step and write a dist checkpoint together; the same command then resumes and finishes."""
+    import signal
+    import time
+
+    from omni.run import verify
+
+    recipe = _recipe(data, tmp_path / "run", steps=400, save_every=1000, warmup_steps=0)
+    cmd = [sys.executable, "-m", "omni.parallel.launch", "--standalone", "--nproc_per_node", "2", str(MAIN), "train",
+           str(recipe), "--quiet", "parallel.backend=megatron", "parallel.tensor=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    (ckpt,) = (tmp_path / "run").glob("step_*")
+    assert f"SIGTERM: saved {ckpt}" in stdout and verify(ckpt) is None and (ckpt / "megatron").is_dir()
+    stopped = int(ckpt.name[5:])
+    assert 1 <= stopped < 400
+    r = _torchrun(2, recipe, "parallel.backend=megatron", "parallel.tensor=2", f"train.steps={stopped + 2}")
+    assert f"start: step {stopped}, resumed from {ckpt}" in r.stdout
+    assert sorted(_rows(tmp_path / "run"))[-1] == stopped + 2
