@@ -136,7 +136,7 @@ class MegatronTrainer(Trainer):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from omni.parallel.megatron.loss import loss_sums
-        from omni.parallel.megatron.model import attention_mask_from_doc_ids
+        from omni.parallel.megatron.model import forward_inputs
 
         cfg, n = self.cfg, len(batches)
         scale = n * self.dp_world  # undo the schedule's 1/n and DDP's 1/dp: d(sum loss)/global weight
@@ -148,9 +148,9 @@ class MegatronTrainer(Trainer):
             b, w = next(data_iterator)
             b = {k: v.to(dev) for k, v in b.items() if torch.is_tensor(v)}
             w = w.to(dev)
-            # position_ids are not read: megatron rotates by index, which under the block-diagonal
-            # mask gives omni's per-document RoPE exactly (parallel/megatron/model.py)
-            output = model(b["input_ids"], b["position_ids"], attention_mask_from_doc_ids(b["doc_ids"]))
+            # local spec: a block-diagonal mask (megatron rotates by index, which under it is omni's
+            # per-document RoPE exactly); TE spec: one THD sequence of documents (parallel/megatron/model.py)
+            output = model(**forward_inputs(self.chunks[0], b["input_ids"], b["doc_ids"]))
 
             def loss_func(logits):
                 s = loss_sums(logits, b["labels"], w, vocab_size=cfg.model.vocab_size, z_loss=cfg.model.z_loss,
@@ -163,10 +163,14 @@ class MegatronTrainer(Trainer):
 
         pairs = list(zip(batches, weights))
         data = [iter(pairs) for _ in self.chunks] if len(self.chunks) > 1 else iter(pairs)
+        # the shape the pipeline stages exchange: [s, b, dim], or [b*s, 1, dim] as THD under TE
+        seq, mbs = cfg.data.seq_len, cfg.train.micro_batch_size
+        if getattr(self.chunks[0], "omni_te", False):
+            seq, mbs = seq * mbs, 1
         stats = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data,
             model=self.module if len(self.module) > 1 else self.module[0], num_microbatches=n,
-            seq_length=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
+            seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
         sums = torch.zeros(3 + 2 * 5, dtype=torch.float64)
         if self.reporter:
             for s in stats:
