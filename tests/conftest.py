@@ -138,3 +138,4 @@ def torch_seed(seed: int = 0) -> None:
     import torch
 
     torch.manual_seed(seed)
+

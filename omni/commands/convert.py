@@ -1,4 +1,5 @@
-"""`omni convert ...`: checkpoints between omni and other stacks (Hugging Face Chameleon, both ways)."""
+"""`omni convert ...`: checkpoints between omni and other stacks (Hugging Face Chameleon and megatron-core,
+both ways)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
 
-    p = sub.add_parser("convert", help="convert checkpoints between omni and other stacks (Hugging Face Chameleon)",
+    p = sub.add_parser("convert", help="convert checkpoints between omni and other stacks (Hugging Face Chameleon, megatron-core)",
                        formatter_class=Formatter)
     csub = p.add_subparsers(dest="convert_cmd", metavar="CONVERSION", required=True)
     c = csub.add_parser(
@@ -41,6 +42,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--force", action="store_true", help="replace --out if it already exists")
     h.set_defaults(func=_to_hf)
 
+    f = csub.add_parser(
+        "from-megatron",
+        help="a megatron-core step folder -> an omni checkpoint",
+        description="Read a step folder of a parallel.backend=megatron run (any step, any tensor x pipeline "
+        "layout it was trained at): its megatron/ dist_checkpointing (torch_dist) tensors at their global "
+        "shapes, read in this one process (no GPU, no megatron model), the model config from its run.yaml "
+        "and the tokenizer bundle from its tokenizer/ folder or run.yaml's data.tokenizer. Writes an omni "
+        "checkpoint (model.safetensors, config.yaml, tokenizer/, meta.json) that omni.load and omni "
+        "generate read. Optimizer state is skipped.",
+        formatter_class=Formatter,
+    )
+    f.add_argument("--checkpoint", required=True, metavar="STEP_DIR", help="megatron step folder (holds megatron/ and run.yaml)")
+    f.add_argument("--out", required=True, metavar="DIR", help="omni checkpoint folder to write")
+    f.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    f.set_defaults(func=_from_megatron)
+
+    t = csub.add_parser(
+        "to-megatron",
+        help="an omni checkpoint -> a model-only megatron-core dist_checkpointing folder",
+        description="Write an omni checkpoint as a model-only megatron step folder: megatron/ (torch_dist "
+        "dist_checkpointing, the keys and global shapes megatron-core's GPTModel.sharded_state_dict() "
+        "writes, so it loads at any tensor x pipeline layout), run.yaml (the model, parallel.backend="
+        "megatron with --tensor / --pipeline) and tokenizer/. No optimizer state: a run starts from it, "
+        "it does not resume one. Written in this one process, no GPU needed.",
+        formatter_class=Formatter,
+    )
+    t.add_argument("--checkpoint", required=True, metavar="DIR", help="omni checkpoint folder, or a run folder (its newest intact step)")
+    t.add_argument("--out", required=True, metavar="DIR", help="megatron step folder to write")
+    t.add_argument("--tensor", type=int, default=1, metavar="T",
+                   help="tensor-parallel size to record (must divide n_heads, n_kv_heads, ffn_dim)")
+    t.add_argument("--pipeline", type=int, default=1, metavar="P", help="pipeline-parallel size to record (must divide n_layers)")
+    t.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    t.set_defaults(func=_to_megatron)
+
 
 def _out(args):
     """``--out``, refused when it exists unless ``--force``."""
@@ -70,4 +105,23 @@ def _to_hf(args) -> int:
     print(f"wrote {export.path} (transformers ChameleonForConditionalGeneration)")
     for line in export.notes:
         print(f"  - {line}")
+    return 0
+
+
+def _from_megatron(args) -> int:
+    from omni.megatron_checkpoint import from_megatron_checkpoint
+
+    out = _out(args)
+    path = from_megatron_checkpoint(args.checkpoint, out)
+    print(f"wrote {path} (omni checkpoint)")
+    return 0
+
+
+def _to_megatron(args) -> int:
+    from omni.megatron_checkpoint import to_megatron_checkpoint
+
+    out = _out(args)
+    path = to_megatron_checkpoint(args.checkpoint, out, tensor=args.tensor, pipeline=args.pipeline)
+    print(f"wrote {path} (megatron-core dist_checkpointing, model only; parallel.tensor={args.tensor} "
+          f"pipeline={args.pipeline} in its run.yaml)")
     return 0

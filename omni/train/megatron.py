@@ -59,13 +59,10 @@ def _sharded_state(chunks: list, opt, loading: bool) -> dict:
     ``model0..`` per virtual stage, ``optimizer`` fully reshardable, so any TP x PP x DP loads it)."""
     if len(chunks) == 1:
         model = {"model": chunks[0].sharded_state_dict()}
-    else:
+    else:  # the chunks' local key names collide: keep them apart (megatron takes any structure here)
         model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    merged = {}
-    for sd in model.values():
-        merged.update(sd)
     state = dict(model)
-    state["optimizer"] = opt.sharded_state_dict(merged, is_loading=loading,
+    state["optimizer"] = opt.sharded_state_dict(model, is_loading=loading,
                                                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 

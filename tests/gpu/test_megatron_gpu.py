@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from corpus import pydoc_topics, write_text_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -88,21 +89,11 @@ def test_te_spec_forward_equals_local_spec_on_the_same_weights(te_missing):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, text_tokenizer):
     """A text bundle and a token dataset of the pydoc topics (as tests/megatron/test_megatron_train.py)."""
-    import pydoc_data.topics
-
-    import webdataset as wds
-
     import omni
-    from omni.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("megatron_gpu")
     omni.UnifiedTokenizer.build(text_tokenizer).save(root / "tok")
-    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    (root / "raw").mkdir()
-    with wds.TarWriter(str(root / "raw" / "text-000.tar")) as w:
-        for i, t in enumerate(topics):
-            w.write({"__key__": f"t{i:04d}", "txt": t.encode()})
-    preprocess([str(root / "raw")], root / "tok", root / "tokens", progress=False)
+    write_text_tokens(root / "tok", root / "tokens", pydoc_topics())
     return root
 
 

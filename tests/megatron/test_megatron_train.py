@@ -7,81 +7,26 @@ the shim redirects megatron-core's CUDA calls, then the same `omni` main runs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from runs import MAIN, ROOT, make_data
+from runs import recipe as _recipe
+from runs import rows as _rows
+from runs import torchrun as _torchrun
+from runs import weights as _weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-MAIN = Path(__file__).resolve().parent / "omni_main_with_shim.py"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, text_tokenizer):
-    """A text bundle and a token dataset of real text (pydoc topics)."""
-    import pydoc_data.topics
-
-    import webdataset as wds
-
-    import omni
-    from omni.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("megatron_train")
-    omni.UnifiedTokenizer.build(text_tokenizer).save(root / "tok")
-    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    (root / "raw").mkdir()
-    with wds.TarWriter(str(root / "raw" / "text-000.tar")) as w:
-        for i, t in enumerate(topics[:40]):
-            w.write({"__key__": f"t{i:04d}", "txt": t[:1000].encode()})
-    preprocess([str(root / "raw")], root / "tok", root / "tokens", progress=False)
-    (root / "raw_heldout").mkdir()  # other topics: a held-out split by content
-    with wds.TarWriter(str(root / "raw_heldout" / "text-000.tar")) as w:
-        for i, t in enumerate(topics[40:50]):
-            w.write({"__key__": f"h{i:04d}", "txt": t[:1000].encode()})
-    preprocess([str(root / "raw_heldout")], root / "tok", root / "heldout", progress=False)
-    return root
-
-
-def _recipe(root: Path, out: Path, **train) -> Path:
-    tiny = yaml.safe_load((ROOT / "recipes" / "models" / "tiny.yaml").read_text())
-    cfg = {
-        "seed": 3,
-        "model": {**tiny["model"], "z_loss": 1e-4},
-        "data": {"tokenizer": str(root / "tok"), "paths": [str(root / "tokens")], "seq_len": 64, "seed": 5},
-        # Adam's eps 1e-3: with 1e-8 the first steps magnify 1e-7 gradient differences (float summation
-        # order across TP ranks) into 1e-5 weight differences (../shared/notes/megatron-core-on-cpu.md)
-        "train": {"out": str(out), "steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "min_lr": 3e-4,
-                  "warmup_steps": 2, "eps": 1e-3, "log_every": 1, "save_every": 3, "tensorboard": False, **train},
-    }
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _torchrun(n: int, recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                        str(MAIN), "train", str(recipe), "--quiet", *overrides], cwd=ROOT.parent,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r
-
-
-def _rows(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
-def _weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
+    return make_data(tmp_path_factory.mktemp("megatron_data"), text_tokenizer)
 
 
 def _close(a: dict, b: dict, rel: float) -> float:
@@ -193,3 +138,20 @@ def test_sigterm_saves_a_megatron_checkpoint_and_the_rerun_resumes(tmp_path, dat
     r = _torchrun(2, recipe, "parallel.backend=megatron", "parallel.tensor=2", f"train.steps={stopped + 2}")
     assert f"start: step {stopped}, resumed from {ckpt}" in r.stdout
     assert sorted(_rows(tmp_path / "run"))[-1] == stopped + 2
+
+
+def test_interleaved_pipeline_checkpoints_resume_without_interleaving(tmp_path, data):
+    """PP=2 x VP=2 (the interleaved schedule, 4 layers): its checkpoint holds both chunks per rank and
+    resumes at PP=2 without virtual stages with the losses of the uninterrupted run."""
+    model = "model.n_layers=4"
+    vp = _recipe(data, tmp_path / "vp")
+    _torchrun(2, vp, "parallel.backend=megatron", "parallel.pipeline=2", "parallel.virtual_pipeline=2", model)
+    (tmp_path / "pp").mkdir()
+    shutil.copytree(tmp_path / "vp" / "step_000003", tmp_path / "pp" / "step_000003")
+    pp = _recipe(data, tmp_path / "pp")
+    r = _torchrun(2, pp, "parallel.backend=megatron", "parallel.pipeline=2", model)
+    assert "start: step 3, resumed from" in r.stdout
+    a, b = _rows(tmp_path / "vp"), _rows(tmp_path / "pp")
+    for s in (4, 5, 6):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-6, abs=1e-6), s
+    _close(_weights(tmp_path / "pp" / "step_000006"), _weights(tmp_path / "vp" / "step_000006"), rel=1e-5)

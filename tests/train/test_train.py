@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from corpus import pydoc_topics, write_text_tokens
 
 from conftest import run_cli
 from omni.config import RunConfig, load_config
@@ -25,33 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, text_tokenizer):
-    """A text-only bundle and a token dataset of real text (the pydoc topics), preprocessed once."""
-    import pydoc_data.topics
-
-    import webdataset as wds
-
+    """A text-only bundle and token datasets of real text (the pydoc topics), preprocessed once:
+    tokens (60 topics), tokens_small (6 of them, short) and tokens_heldout (12 topics no other holds:
+    held out by content)."""
     import omni
-    from omni.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("textrun")
     omni.UnifiedTokenizer.build(text_tokenizer).save(root / "tok")
-    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-    (root / "raw").mkdir()
-    with wds.TarWriter(str(root / "raw" / "text-000.tar")) as w:
-        for i, t in enumerate(topics[:60]):
-            w.write({"__key__": f"t{i:04d}", "txt": t[:1200].encode()})
-    preprocess([str(root / "raw")], root / "tok", root / "tokens", progress=False)
-    (root / "raw_small").mkdir()
-    with wds.TarWriter(str(root / "raw_small" / "text-000.tar")) as w:
-        for i, t in enumerate(topics[:6]):
-            w.write({"__key__": f"s{i:04d}", "txt": t[:300].encode()})
-    preprocess([str(root / "raw_small")], root / "tok", root / "tokens_small", progress=False)
-    # held out by content: topics that no training dataset above holds
-    (root / "raw_heldout").mkdir()
-    with wds.TarWriter(str(root / "raw_heldout" / "text-000.tar")) as w:
-        for i, t in enumerate(topics[60:72]):
-            w.write({"__key__": f"h{i:04d}", "txt": t[:1200].encode()})
-    preprocess([str(root / "raw_heldout")], root / "tok", root / "tokens_heldout", progress=False)
+    topics = pydoc_topics()
+    write_text_tokens(root / "tok", root / "tokens", [t[:1200] for t in topics[:60]])
+    write_text_tokens(root / "tok", root / "tokens_small", [t[:300] for t in topics[:6]], prefix="s")
+    write_text_tokens(root / "tok", root / "tokens_heldout", [t[:1200] for t in topics[60:72]], prefix="h")
     return root
 
 
