@@ -184,12 +184,20 @@ class Trainer:
                 get_optimizer_state_dict(self.module, self.opt, options=opts))
 
     def _restore(self, path: Path) -> None:
+        import json
+
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        from omni.run import TRAINER_STATE
+
+        if json.loads((path / TRAINER_STATE).read_text()).get("backend") == "megatron":
+            raise OmniError(f"cannot resume {path} with parallel.backend=torch: it was saved by the megatron backend "
+                            "(resume with parallel.backend=megatron, or start from its weights with train.init_from "
+                            "after `omni convert from-megatron`)")
         model_state, optim_state, state, rng = load_train_checkpoint(path)
         self._check_batch(path, state)
         opts = StateDictOptions(full_state_dict=True)

@@ -13,7 +13,8 @@ from omni.parallel.megatron.config import Machine, check_megatron, fp8_kwargs, t
 H100 = Machine(te_version="2.9.0", capability=(9, 0))
 B200 = Machine(te_version="2.9.0", capability=(10, 0))
 A100 = Machine(te_version="2.9.0", capability=(8, 0))
-CPU = Machine()
+CPU = Machine()  # no GPU, no TE
+GPU = Machine(capability=(9, 0))  # a Hopper GPU without Transformer Engine
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -22,20 +23,21 @@ def _cfg(*overrides: str) -> RunConfig:
 
 
 @pytest.mark.parametrize("overrides, world, machine, needle", [
-    (["parallel.tensor=2"], 2, CPU, "parallel.tensor=2 need parallel.backend=megatron"),
+    (["parallel.tensor=2"], 2, GPU, "parallel.tensor=2 need parallel.backend=megatron"),
     (["train.precision=fp8"], 1, H100, "train.precision=fp8 need parallel.backend=megatron"),
-    (["parallel.backend=megatron", "parallel.tensor=3"], 3, CPU, "parallel.tensor=3 must divide model.n_heads=4"),
-    (["parallel.backend=megatron", "parallel.tensor=4"], 4, CPU, "model.n_kv_heads=2"),
-    (["parallel.backend=megatron", "parallel.pipeline=3"], 3, CPU, "parallel.pipeline=3 x parallel.virtual_pipeline=1 must divide model.n_layers=4"),
-    (["parallel.backend=megatron", "parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2, CPU, "must divide model.n_layers=4"),
-    (["parallel.backend=megatron", "parallel.virtual_pipeline=2"], 1, CPU, "needs parallel.pipeline >= 2"),
+    (["parallel.backend=megatron", "parallel.tensor=3"], 3, GPU, "parallel.tensor=3 must divide model.n_heads=4"),
+    (["parallel.backend=megatron", "parallel.tensor=4"], 4, GPU, "model.n_kv_heads=2"),
+    (["parallel.backend=megatron", "parallel.pipeline=3"], 3, GPU, "parallel.pipeline=3 x parallel.virtual_pipeline=1 must divide model.n_layers=4"),
+    (["parallel.backend=megatron", "parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2, GPU, "must divide model.n_layers=4"),
+    (["parallel.backend=megatron", "parallel.virtual_pipeline=2"], 1, GPU, "needs parallel.pipeline >= 2"),
     (["parallel.backend=megatron", "parallel.sequence_parallel=true"], 1, H100, "needs parallel.tensor >= 2"),
-    (["parallel.backend=megatron", "parallel.tensor=2", "parallel.sequence_parallel=true"], 2, CPU, "needs Transformer Engine"),
-    (["parallel.backend=megatron", "parallel.context=2"], 2, CPU, "parallel.context=2 needs Transformer Engine"),
+    (["parallel.backend=megatron", "parallel.tensor=2", "parallel.sequence_parallel=true"], 2, GPU, "needs Transformer Engine"),
+    (["parallel.backend=megatron", "parallel.context=2"], 2, GPU, "parallel.context=2 needs Transformer Engine"),
     (["parallel.backend=megatron", "parallel.context=2", "data.seq_len=66"], 2, H100, "multiple of 2 x context = 4"),
-    (["parallel.backend=megatron", "parallel.tensor=2"], 3, CPU, "3 processes cannot hold parallel.tensor=2"),
-    (["parallel.backend=megatron", "model.swin_norm=true"], 1, CPU, "model.swin_norm=true"),
-    (["parallel.backend=megatron", "train.precision=fp8"], 1, CPU, "needs Transformer Engine"),
+    (["parallel.backend=megatron", "parallel.tensor=2"], 3, GPU, "3 processes cannot hold parallel.tensor=2"),
+    (["parallel.backend=megatron", "model.swin_norm=true"], 1, GPU, "model.swin_norm=true"),
+    (["parallel.backend=megatron"], 1, CPU, "parallel.backend=megatron needs CUDA GPUs"),
+    (["parallel.backend=megatron", "train.precision=fp8"], 1, GPU, "needs Transformer Engine"),
     (["parallel.backend=megatron", "train.precision=fp8"], 1, Machine(capability=(9, 0)), "needs Transformer Engine"),
     (["parallel.backend=megatron", "train.precision=fp8"], 1, A100, "compute capability >= 8.9"),
     (["parallel.backend=megatron", "train.precision=fp8", "train.fp8.recipe=mxfp8"], 1, H100, "needs a Blackwell GPU"),
@@ -49,9 +51,9 @@ def test_bad_layouts_are_refused_naming_the_keys(overrides, world, machine, need
 
 def test_good_layouts_pass():
     check_megatron(_cfg(), world=2, machine=CPU)  # the torch backend, data parallel
-    check_megatron(_cfg("parallel.backend=megatron", "parallel.tensor=2", "parallel.pipeline=2"), world=8, machine=CPU)
+    check_megatron(_cfg("parallel.backend=megatron", "parallel.tensor=2", "parallel.pipeline=2"), world=8, machine=GPU)
     check_megatron(_cfg("parallel.backend=megatron", "parallel.pipeline=2", "parallel.virtual_pipeline=2"),
-                   world=2, machine=CPU)
+                   world=2, machine=GPU)
     check_megatron(_cfg("parallel.backend=megatron", "train.precision=fp8", "train.fp8.recipe=delayed"), world=1,
                    machine=H100)
     check_megatron(_cfg("parallel.backend=megatron", "train.precision=fp8", "train.fp8.recipe=mxfp8"), world=1,
@@ -87,8 +89,14 @@ def test_transformer_config_kwargs_build_megatron_config():
     assert (tc.fp8, tc.fp8_recipe, tc.fp8_amax_history_len) == ("hybrid", "delayed", 1024)
 
 
-def test_cli_refuses_a_bad_layout_before_any_process_group(tmp_path):
-    rc, _, err = run_cli("train", "recipes/models/tiny.yaml", "--quiet", "data.seq_len=64",
-                         "parallel.backend=megatron", "parallel.tensor=3", f"train.out={tmp_path / 'run'}")
+def test_cli_refuses_a_bad_layout_before_any_process_group(tmp_path, monkeypatch):
+    args = ("train", "recipes/models/tiny.yaml", "--quiet", "data.seq_len=64", "parallel.backend=megatron",
+            "parallel.tensor=3", f"train.out={tmp_path / 'run'}")
+    rc, _, err = run_cli(*args)  # this machine has no GPU: said first
+    assert rc == 2 and "parallel.backend=megatron needs CUDA GPUs" in err and "Traceback" not in err, err
+    from omni.parallel.megatron.config import CPU_SHIM_ENV
+
+    monkeypatch.setenv(CPU_SHIM_ENV, "1")  # as under the tests' CPU shim: the layout is checked next
+    rc, _, err = run_cli(*args)
     assert rc == 2 and "parallel.tensor=3 must divide model.n_heads=4" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()

@@ -260,3 +260,10 @@ def test_from_megatron_reads_a_pipeline_run_with_tied_embeddings_at_any_step(tmp
     first = _weights(tmp_path / "step_000001")
     assert "output.weight" not in first and not torch.equal(first["tok_embeddings.weight"],
                                                              _weights(tmp_path / "step_000002")["tok_embeddings.weight"])
+
+
+def test_the_torch_backend_refuses_a_megatron_checkpoint_naming_the_ways_on(tmp_path, megatron_run, data):
+    from conftest import run_cli
+
+    rc, _, err = run_cli("train", _recipe(data, tmp_path / "torch"), "--quiet", "--resume", str(megatron_run))
+    assert rc == 2 and "saved by the megatron backend" in err and "omni convert from-megatron" in err, err
