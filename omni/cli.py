@@ -21,6 +21,7 @@ GROUPS = {
     "model": "omni.commands.model",
     "eval": "omni.commands.eval",
     "demo": "omni.commands.demo",
+    "launch": "omni.commands.launch",
 }
 
 

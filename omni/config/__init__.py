@@ -22,6 +22,7 @@ from omni.config.base import (
 )
 from omni.config.data import DataConfig, PreprocessConfig
 from omni.config.generate import GenerateConfig, SamplingConfig
+from omni.config.launch import LaunchConfig
 from omni.config.model import ModelConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
 from omni.config.train import LossWeights, ParallelConfig, TrainConfig, WandbConfig
@@ -47,6 +48,8 @@ class RunConfig:
     """Data parallelism of the plain-PyTorch backend."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Sampling and stopping of `omni generate`."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Requeueing under `omni launch slurm`."""
 
 
 def check_run(cfg: RunConfig) -> None:
@@ -107,6 +110,7 @@ def resolve_recipe(name_or_path: str):
 __all__ = [
     "DataConfig",
     "GenerateConfig",
+    "LaunchConfig",
     "SamplingConfig",
     "LossWeights",
     "ModelConfig",
