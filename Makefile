@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint clean system-deps
 
-# Debian packages the tests use: chromium (the generated page is rendered headless).
+# Debian packages the tests use: chromium (the generated page is rendered headless) and Slurm
+# (tests/slurm starts a two-node cluster on this machine; its daemons run as root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml Makefile
@@ -27,6 +28,8 @@ demo: $(STAMP)
 system-deps:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@{ command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null; }
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest -q

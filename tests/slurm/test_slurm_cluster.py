@@ -1,0 +1,138 @@
+"""A real Slurm: a two-node cluster on this machine (tests/slurm/cluster.py) runs a two-node job, a
+requeued job runs again with ``SLURM_RESTART_COUNT`` set, and ``--signal=B:USR1@N`` reaches the batch
+script before its time limit (which then requeues itself, the preemption path a training job uses)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cluster import local_cluster, missing
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = missing()
+    if why:
+        pytest.fail(f"{why} (the test set-up installs them: make system-deps)")
+    with local_cluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _wait_for(path: Path, text: str, cluster, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = path.read_text() if path.exists() else ""
+        if text in got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} after {timeout:.0f} s: {got!r}\n{cluster.logs()}")
+
+
+def test_two_node_job(cluster, tmp_path):
+    out = tmp_path / "out.txt"
+    job = _script(tmp_path / "job.sh", "srun bash -c 'echo node=$SLURM_NODEID of=$SLURM_NNODES'\n")
+    job_id = cluster.sbatch("-N", "2", "--ntasks-per-node", "1", "-o", str(out), str(job))
+    info = cluster.wait_state(job_id, DONE, timeout=30)
+    assert info["JobState"] == "COMPLETED", (info, out.read_text() if out.exists() else "", cluster.logs())
+    assert sorted(line for line in out.read_text().splitlines()) == ["node=0 of=2", "node=1 of=2"]
+
+
+def test_scontrol_requeue_runs_the_job_again(cluster, tmp_path):
+    log = tmp_path / "runs.log"
+    job = _script(
+        tmp_path / "job.sh",
+        f'echo "restart=${{SLURM_RESTART_COUNT:-0}}" >> {log}\n'
+        f'if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then sleep 300; fi\n',
+    )
+    job_id = cluster.sbatch("-N", "1", "--requeue", "-o", str(tmp_path / "out-%j.txt"), str(job))
+    _wait_for(log, "restart=0", cluster)
+    cluster.run("scontrol", "requeue", job_id)
+    # A requeued job waits cred_expire (10 s here, see cluster.py) before it may start again.
+    info = cluster.wait_state(job_id, DONE, timeout=40)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert log.read_text().split() == ["restart=0", "restart=1"]
+
+
+def test_signal_before_time_limit_then_self_requeue(cluster, tmp_path):
+    """``--signal=B:USR1@58`` with ``--time=1``: the batch shell gets USR1 (slurmctld looks at time limits
+    about every 30 s, so within 2-32 s), its trap requeues the job itself, and the second run sees restart 1."""
+    log = tmp_path / "runs.log"
+    job = _script(
+        tmp_path / "job.sh",
+        f'n=${{SLURM_RESTART_COUNT:-0}}\necho "start restart=$n" >> {log}\n'
+        f'if [ "$n" != 0 ]; then exit 0; fi\n'
+        f"trap 'echo \"usr1 restart=$n\" >> {log}; scontrol requeue $SLURM_JOB_ID; exit 0' USR1\n"
+        f"for i in $(seq 600); do sleep 0.2; done\n",
+    )
+    job_id = cluster.sbatch(
+        "-N", "1", "--requeue", "--time=1", "--signal=B:USR1@58", "-o", str(tmp_path / "out-%j.txt"), str(job)
+    )
+    _wait_for(log, "start restart=0", cluster)
+    _wait_for(log, "usr1 restart=0", cluster, timeout=50)
+    # A requeued job waits cred_expire (10 s here, see cluster.py) before it may start again.
+    info = cluster.wait_state(job_id, DONE, timeout=40)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert log.read_text().splitlines() == ["start restart=0", "usr1 restart=0", "start restart=1"]
+
+
+def test_omni_launch_slurm_trains_on_two_nodes_like_local_torchrun(cluster, tmp_path, text_tokenizer):
+    """`omni launch slurm --nodes 2 --gpus-per-node 0` (one gloo process per node, a c10d rendezvous on
+    the first node) trains the tiny recipe; its losses equal a local 2-process torchrun of the recipe;
+    the finished job does not requeue itself, and `omni launch status` reports it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from corpus import pydoc_topics, write_text_tokens
+
+    import omni
+
+    ROOT = Path(__file__).resolve().parents[2]
+    omni.UnifiedTokenizer.build(text_tokenizer).save(tmp_path / "tok")
+    write_text_tokens(tmp_path / "tok", tmp_path / "tokens", [t[:1000] for t in pydoc_topics()[:30]])
+    tiny = yaml.safe_load((ROOT / "recipes" / "models" / "tiny.yaml").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "seed": 3, "model": tiny["model"],
+        "data": {"tokenizer": str(tmp_path / "tok"), "paths": [str(tmp_path / "tokens")], "seq_len": 64, "seed": 5},
+        "train": {"steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "log_every": 1,
+                  "save_every": 2, "tensorboard": False}}))
+
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "omni", "launch", "slurm", str(recipe), "--nodes", "2",
+                        "--gpus-per-node", "0", f"train.out={tmp_path / 'slurm_run'}"],
+                       cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split("submitted job ")[1].split()[0]
+    info = cluster.wait_state(job, DONE, timeout=240)
+    log = (tmp_path / "slurm_run" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "the run is finished (step 4 of 4)" in log and info.get("Restarts") == "0", log[-3000:]
+
+    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "omni", "train", str(recipe), "--quiet", f"train.out={tmp_path / 'local_run'}"],
+                           cwd=ROOT.parent, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    def losses(run):
+        return [(row["step"], row["loss"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(tmp_path / "slurm_run") == losses(tmp_path / "local_run")
+    r = subprocess.run([sys.executable, "-m", "omni", "launch", "status", str(tmp_path / "slurm_run")], env=env,
+                       cwd=ROOT.parent, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"job {job}:" in r.stdout and "checkpoint step 4 of 4" in r.stdout, r.stdout + r.stderr
