@@ -191,6 +191,11 @@ class BlendedSequences:
         import torch
 
         seqs = [next(self) for _ in range(batch_size)]
+        # Walk on to the end of this round of the world (every rank's position is then the same global
+        # index, so rank 0's state_dict, which a checkpoint keeps, is every rank's). Which sequences a
+        # rank gets does not change: its next one is past this round anyway.
+        while self.index % self.world:
+            self._next_global()
         out = {k: torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
                for k in ("input_ids", "labels", "loss_mask", "valid_mask", "doc_ids", "position_ids")}
         out["spans"] = [s.spans for s in seqs]

@@ -87,13 +87,9 @@ def test_signal_before_time_limit_then_self_requeue(cluster, tmp_path):
     assert log.read_text().splitlines() == ["start restart=0", "usr1 restart=0", "start restart=1"]
 
 
-def test_omni_launch_slurm_trains_on_two_nodes_like_local_torchrun(cluster, tmp_path, text_tokenizer):
-    """`omni launch slurm --nodes 2 --gpus-per-node 0` (one gloo process per node, a c10d rendezvous on
-    the first node) trains the tiny recipe; its losses equal a local 2-process torchrun of the recipe;
-    the finished job does not requeue itself, and `omni launch status` reports it."""
-    import json
+def _train_setup(tmp_path, text_tokenizer, steps: int, save_every: int):
+    """A text bundle, tokens and a tiny-model recipe; (recipe, client env, repo root)."""
     import os
-    import subprocess
     import sys
 
     import yaml
@@ -101,38 +97,86 @@ def test_omni_launch_slurm_trains_on_two_nodes_like_local_torchrun(cluster, tmp_
 
     import omni
 
-    ROOT = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[2]
     omni.UnifiedTokenizer.build(text_tokenizer).save(tmp_path / "tok")
     write_text_tokens(tmp_path / "tok", tmp_path / "tokens", [t[:1000] for t in pydoc_topics()[:30]])
-    tiny = yaml.safe_load((ROOT / "recipes" / "models" / "tiny.yaml").read_text())
+    tiny = yaml.safe_load((root / "recipes" / "models" / "tiny.yaml").read_text())
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "seed": 3, "model": tiny["model"],
         "data": {"tokenizer": str(tmp_path / "tok"), "paths": [str(tmp_path / "tokens")], "seq_len": 64, "seed": 5},
-        "train": {"steps": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "log_every": 1,
-                  "save_every": 2, "tensorboard": False}}))
+        "train": {"steps": steps, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "log_every": 1,
+                  "save_every": save_every, "tensorboard": False}}))
+    return recipe, root, os.pathsep.join([str(Path(sys.executable).parent)])
 
-    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster.env['PATH']}"}
-    r = subprocess.run([sys.executable, "-m", "omni", "launch", "slurm", str(recipe), "--nodes", "2",
-                        "--gpus-per-node", "0", f"train.out={tmp_path / 'slurm_run'}"],
-                       cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=120)
+
+def _omni_cli(cluster, root, bin_dir, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{cluster.env['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "omni", *args], cwd=root.parent, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _local_torchrun(root, recipe, out):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "omni", "train", str(recipe), "--quiet", f"train.out={out}"],
+                       cwd=root.parent, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _losses(run):
+    import json
+
+    return [(row["step"], row["loss"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_omni_launch_slurm_trains_on_two_nodes_like_local_torchrun(cluster, tmp_path, text_tokenizer):
+    """`omni launch slurm --nodes 2 --gpus-per-node 0` (one gloo process per node, a c10d rendezvous on
+    the first node) trains the tiny recipe; its losses equal a local 2-process torchrun of the recipe;
+    the finished job does not requeue itself, and `omni launch status` reports it."""
+    recipe, root, bin_dir = _train_setup(tmp_path, text_tokenizer, steps=4, save_every=2)
+    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
+                  f"train.out={tmp_path / 'slurm_run'}")
     assert r.returncode == 0, r.stderr
     job = r.stdout.split("submitted job ")[1].split()[0]
     info = cluster.wait_state(job, DONE, timeout=240)
     log = (tmp_path / "slurm_run" / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "the run is finished (step 4 of 4)" in log and info.get("Restarts") == "0", log[-3000:]
-
-    local = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "omni", "train", str(recipe), "--quiet", f"train.out={tmp_path / 'local_run'}"],
-                           cwd=ROOT.parent, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert local.returncode == 0, local.stderr[-3000:]
-
-    def losses(run):
-        return [(row["step"], row["loss"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-
-    assert losses(tmp_path / "slurm_run") == losses(tmp_path / "local_run")
-    r = subprocess.run([sys.executable, "-m", "omni", "launch", "status", str(tmp_path / "slurm_run")], env=env,
-                       cwd=ROOT.parent, capture_output=True, text=True, timeout=60)
+    _local_torchrun(root, recipe, tmp_path / "local_run")
+    assert _losses(tmp_path / "slurm_run") == _losses(tmp_path / "local_run")
+    r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(tmp_path / "slurm_run"))
     assert r.returncode == 0 and f"job {job}:" in r.stdout and "checkpoint step 4 of 4" in r.stdout, r.stdout + r.stderr
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(cluster, tmp_path, text_tokenizer):
+    """USR1 to the batch shell mid-run (`scancel --signal=USR1 --batch`, the time-limit warning): the
+    trainers on both nodes checkpoint, the job requeues itself, resumes with --resume auto, and its
+    final weights equal an uninterrupted local run's byte for byte; `omni launch status` shows the requeue."""
+    recipe, root, bin_dir = _train_setup(tmp_path, text_tokenizer, steps=40, save_every=1000)
+    out = tmp_path / "slurm_run"
+    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", str(recipe), "--nodes", "2", f"train.out={out}")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split("submitted job ")[1].split()[0]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = cluster.wait_state(job, DONE, timeout=300)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", log[-4000:]
+    assert "got SIGUSR1" in log and "requeueing job" in log and "the run is finished (step 40 of 40)" in log, log[-4000:]
+    _local_torchrun(root, recipe, tmp_path / "local_run")
+    final = out / "step_000040" / "model.safetensors"
+    assert final.read_bytes() == (tmp_path / "local_run" / "step_000040" / "model.safetensors").read_bytes()
+    r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(out))
+    assert r.returncode == 0 and "requeues 1;" in r.stdout, r.stdout + r.stderr
