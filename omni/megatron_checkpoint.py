@@ -226,18 +226,11 @@ def omni_to_megatron_tensors(omni_state: dict, model_cfg, tensor: int = 1) -> di
 
 
 def check_layout(model_cfg, tensor: int, pipeline: int) -> None:
-    """OmniError unless the model splits over ``tensor`` x ``pipeline`` (megatron's own checks)."""
-    m = model_cfg
-    if tensor < 1 or pipeline < 1:
-        raise OmniError(f"--tensor {tensor} / --pipeline {pipeline} must be >= 1")
-    if m.n_heads % tensor or m.n_kv_heads % tensor:
-        raise OmniError(f"--tensor {tensor} must divide n_heads={m.n_heads} and n_kv_heads={m.n_kv_heads} (a "
-                        "tensor-parallel rank holds whole query groups)")
-    if m.ffn_dim % tensor:
-        raise OmniError(f"--tensor {tensor} must divide ffn_dim={m.ffn_dim}")
-    if m.n_layers % pipeline:
-        raise OmniError(f"--pipeline {pipeline} must divide n_layers={m.n_layers}")
-    if m.swin_norm:
+    """OmniError unless the model splits over ``tensor`` x ``pipeline`` (ModelConfig.split_problem)."""
+    problem = model_cfg.split_problem(tensor, pipeline, cli=True)
+    if problem:
+        raise OmniError(problem)
+    if model_cfg.swin_norm:
         raise OmniError("swin_norm=true (Chameleon-34B's norm order) has no megatron layout")
 
 

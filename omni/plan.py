@@ -184,21 +184,11 @@ def check_layout(cfg: ModelConfig, layout: Layout, gpus: int, seq_len: int) -> N
     t, p, c, v = layout.tensor, layout.pipeline, layout.context, layout.virtual_pipeline
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    for name, x in (("tensor", t), ("pipeline", p), ("context", c), ("virtual-pipeline", v)):
-        if x < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {x}")
-    if cfg.n_heads % t or cfg.n_kv_heads % t:
-        raise ConfigError(f"--tensor {t} must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} "
-                          "(a tensor-parallel rank holds whole query groups)")
-    if cfg.ffn_dim % t:
-        raise ConfigError(f"--tensor {t} must divide ffn_dim={cfg.ffn_dim}")
-    if cfg.vocab_size % t:
-        raise ConfigError(f"--tensor {t} must divide vocab_size={cfg.vocab_size} (vocab-parallel embedding)")
-    if cfg.n_layers % (p * v):
-        raise ConfigError(f"--pipeline {p} x --virtual-pipeline {v} must divide n_layers={cfg.n_layers} "
-                          "(every model chunk holds as many layers)")
-    if v > 1 and p < 2:
-        raise ConfigError(f"--virtual-pipeline {v} needs --pipeline >= 2")
+    if c < 1:
+        raise ConfigError(f"--context must be >= 1, got {c}")
+    problem = cfg.split_problem(t, p, v, cli=True)
+    if problem:
+        raise ConfigError(problem)
     if c > 1 and seq_len % (2 * c):
         raise ConfigError(f"--context {c} needs --seq-len {seq_len} to be a multiple of 2 x context = {2 * c}")
     if layout.sp and seq_len % t:
@@ -565,14 +555,12 @@ def make_plan(cfg: ModelConfig, gpus: int, gpu: GPU, layout: Layout, training: T
 
 
 def candidate_layouts(cfg: ModelConfig, gpus: int, context: int = 1, virtual: int = 1) -> list[Layout]:
-    """Layouts in the order they are tried: TP = 1, 2, 4, 8 (those dividing the heads, KV heads, FFN
-    and vocab, inside a node of 8), then, at the largest of those TPs, PP over the divisors of
-    n_layers [N21 section 3, takeaway #1: tensor parallelism within a node, pipeline across nodes].
-    Each divides ``gpus`` with ``context``; :func:`make_plan` checks the rest."""
-    def divides(t: int) -> bool:
-        return not (cfg.n_heads % t or cfg.n_kv_heads % t or cfg.ffn_dim % t or cfg.vocab_size % t)
-
-    tps = [t for t in (1, 2, 4, 8) if t <= min(gpus, GPUS_PER_NODE) and divides(t) and gpus % (t * context) == 0]
+    """Layouts in the order they are tried: TP = 1, 2, 4, 8 (those the model splits over,
+    ModelConfig.split_problem, inside a node of 8), then, at the largest of those TPs, PP over the
+    divisors of n_layers [N21 section 3, takeaway #1: tensor parallelism within a node, pipeline
+    across nodes]. Each divides ``gpus`` with ``context``; :func:`make_plan` checks the rest."""
+    tps = [t for t in (1, 2, 4, 8)
+           if t <= min(gpus, GPUS_PER_NODE) and cfg.split_problem(t, 1) is None and gpus % (t * context) == 0]
     out = [Layout(t, 1, context) for t in tps]
     tmax = tps[-1] if tps else 1
     for p in range(2, cfg.n_layers + 1):

@@ -313,7 +313,7 @@ def test_cli_plan_given_layout_and_no_fit():
 
 @pytest.mark.parametrize("args, message", [
     (["--tensor", "3"], "--tensor 3 must divide n_heads=32"),
-    (["--pipeline", "5"], "--pipeline 5 x --virtual-pipeline 1 must divide n_layers=32"),
+    (["--pipeline", "5"], "--pipeline 5 must divide n_layers=32"),
     (["--gpu", "v100"], "unknown GPU 'v100'"),
     (["--gpus", "6", "--tensor", "4"], "--gpus 6 is not a multiple of tensor x pipeline x context"),
     (["--gpu", "a100", "--precision", "fp8"], "needs FP8 tensor cores"),

@@ -76,3 +76,29 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def split_problem(self, tensor: int, pipeline: int, virtual: int = 1, cli: bool = False) -> str | None:
+        """Why megatron-core cannot split this model over ``tensor`` x ``pipeline`` (x ``virtual``
+        chunks per stage) ranks, or None: the one rule of `omni train` (parallel.* keys),
+        `omni model plan` and `omni convert to-megatron` (``cli``: --flags). The vocab needs no
+        rule: the megatron model pads it (parallel/megatron/convert.py)."""
+        def key(name: str, value: int) -> str:
+            return f"--{name.replace('_', '-')} {value}" if cli else f"parallel.{name}={value}"
+
+        field = (lambda n: n) if cli else (lambda n: f"model.{n}")
+        for name, value in (("tensor", tensor), ("pipeline", pipeline), ("virtual_pipeline", virtual)):
+            if value < 1:
+                return f"{key(name, value)} must be >= 1"
+        if self.n_heads % tensor or self.n_kv_heads % tensor:
+            return (f"{key('tensor', tensor)} must divide {field('n_heads')}={self.n_heads} and "
+                    f"{field('n_kv_heads')}={self.n_kv_heads} (a tensor-parallel rank holds whole query groups)")
+        if self.ffn_dim % tensor:
+            return f"{key('tensor', tensor)} must divide {field('ffn_dim')}={self.ffn_dim}"
+        if self.n_layers % (pipeline * virtual):
+            chunks = key("pipeline", pipeline) + (f" x {key('virtual_pipeline', virtual)}" if virtual > 1 else "")
+            return f"{chunks} must divide {field('n_layers')}={self.n_layers} (every model chunk holds as many layers)"
+        if virtual > 1 and pipeline < 2:
+            needs = "--pipeline >= 2" if cli else "parallel.pipeline >= 2"
+            return (f"{key('virtual_pipeline', virtual)} needs {needs} (the interleaved schedule interleaves "
+                    "chunks of several stages)")
+        return None

@@ -76,17 +76,12 @@ def check_megatron(cfg, world: int | None = None, machine: Machine | None = None
     if machine.capability is None and not os.environ.get(CPU_SHIM_ENV):
         _fail("parallel.backend=megatron needs CUDA GPUs: megatron-core allocates on the GPU even in its local "
               "layer spec (this machine has none); train here with parallel.backend=torch")
-    if m.n_heads % p.tensor or m.n_kv_heads % p.tensor:
-        _fail(f"parallel.tensor={p.tensor} must divide model.n_heads={m.n_heads} and model.n_kv_heads="
-              f"{m.n_kv_heads} (a tensor-parallel rank holds whole query groups)")
-    if m.ffn_dim % p.tensor:
-        _fail(f"parallel.tensor={p.tensor} must divide model.ffn_dim={m.ffn_dim}")
-    if m.n_layers % (p.pipeline * p.virtual_pipeline):
-        _fail(f"parallel.pipeline={p.pipeline} x parallel.virtual_pipeline={p.virtual_pipeline} must divide "
-              f"model.n_layers={m.n_layers} (every model chunk holds as many layers)")
-    if p.virtual_pipeline > 1 and p.pipeline < 2:
-        _fail(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline >= 2 (the interleaved "
-              "schedule interleaves chunks of several stages)")
+    problem = m.split_problem(p.tensor, p.pipeline, p.virtual_pipeline)
+    if problem:
+        _fail(problem)
+    if m.swin_norm:
+        _fail("model.swin_norm=true (Chameleon-34B's norm order) is not built for parallel.backend=megatron; "
+              "train it with parallel.backend=torch")
     if p.sequence_parallel and p.tensor < 2:
         _fail("parallel.sequence_parallel=true needs parallel.tensor >= 2 (it shards the sequence within a "
               "tensor-parallel group)")
@@ -102,9 +97,6 @@ def check_megatron(cfg, world: int | None = None, machine: Machine | None = None
     if p.sequence_parallel and cfg.data.seq_len % p.tensor:
         _fail(f"parallel.sequence_parallel=true needs data.seq_len={cfg.data.seq_len} to be a multiple of "
               f"parallel.tensor={p.tensor}")
-    if m.swin_norm:
-        _fail("model.swin_norm=true (Chameleon-34B's norm order) is not built for parallel.backend=megatron; "
-              "train it with parallel.backend=torch")
     model_parallel = p.tensor * p.pipeline * p.context
     if world % model_parallel:
         _fail(f"{world} processes cannot hold parallel.tensor={p.tensor} x pipeline={p.pipeline} x context="

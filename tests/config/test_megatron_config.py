@@ -27,7 +27,7 @@ def _cfg(*overrides: str) -> RunConfig:
     (["train.precision=fp8"], 1, H100, "train.precision=fp8 need parallel.backend=megatron"),
     (["parallel.backend=megatron", "parallel.tensor=3"], 3, GPU, "parallel.tensor=3 must divide model.n_heads=4"),
     (["parallel.backend=megatron", "parallel.tensor=4"], 4, GPU, "model.n_kv_heads=2"),
-    (["parallel.backend=megatron", "parallel.pipeline=3"], 3, GPU, "parallel.pipeline=3 x parallel.virtual_pipeline=1 must divide model.n_layers=4"),
+    (["parallel.backend=megatron", "parallel.pipeline=3"], 3, GPU, "parallel.pipeline=3 must divide model.n_layers=4"),
     (["parallel.backend=megatron", "parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2, GPU, "must divide model.n_layers=4"),
     (["parallel.backend=megatron", "parallel.virtual_pipeline=2"], 1, GPU, "needs parallel.pipeline >= 2"),
     (["parallel.backend=megatron", "parallel.sequence_parallel=true"], 1, H100, "needs parallel.tensor >= 2"),

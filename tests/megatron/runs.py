@@ -15,6 +15,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/corpus.py
 from corpus import pydoc_topics, write_text_tokens  # noqa: E402
+from processes import signal_after_first_step  # noqa: E402, F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = Path(__file__).resolve().parent / "omni_main_with_shim.py"

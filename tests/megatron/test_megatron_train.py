@@ -7,15 +7,13 @@ the shim redirects megatron-core's CUDA calls, then the same `omni` main runs.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from runs import MAIN, ROOT, make_data
+from runs import MAIN, make_data, signal_after_first_step
 from runs import recipe as _recipe
 from runs import rows as _rows
 from runs import torchrun as _torchrun
@@ -115,22 +113,14 @@ def test_sigterm_saves_a_megatron_checkpoint_and_the_rerun_resumes(tmp_path, dat
     """Preemption on the megatron backend: SIGTERM to the launcher reaches every rank, which finish the
     step and write a dist checkpoint together; the same command then resumes and finishes."""
     import signal
-    import time
 
     from omni.run import verify
 
     recipe = _recipe(data, tmp_path / "run", steps=400, save_every=1000, warmup_steps=0)
     cmd = [sys.executable, "-m", "omni.parallel.launch", "--standalone", "--nproc_per_node", "2", str(MAIN), "train",
            str(recipe), "--quiet", "parallel.backend=megatron", "parallel.tensor=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, cwd=ROOT.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    stdout, err = p.communicate(timeout=180)
-    assert p.returncode == 0, err[-3000:]
+    rc, stdout, err = signal_after_first_step(cmd, tmp_path / "run", signal.SIGTERM)
+    assert rc == 0, err[-3000:]
     (ckpt,) = (tmp_path / "run").glob("step_*")
     assert f"SIGTERM: saved {ckpt}" in stdout and verify(ckpt) is None and (ckpt / "megatron").is_dir()
     stopped = int(ckpt.name[5:])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from corpus import pydoc_topics, write_text_tokens
+from processes import signal_after_first_step
 
 from conftest import run_cli
 from omni.config import RunConfig, load_config
@@ -66,15 +67,8 @@ def _omni(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def _signal_after_first_step(recipe: Path, out: Path, sig: int) -> tuple[int, str, str]:
-    """Start `omni train RECIPE`, send ``sig`` once it has logged a step; (exit code, stdout, stderr)."""
-    p = _omni("train", str(recipe), "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.02)
-    p.send_signal(sig)
-    stdout, err = p.communicate(timeout=120)
-    return p.returncode, stdout, err
+    """`omni train RECIPE --quiet`, signalled with ``sig`` once it has logged a step."""
+    return signal_after_first_step([sys.executable, "-m", "omni", "train", str(recipe), "--quiet"], out, sig)
 
 
 def test_schedules():
@@ -481,16 +475,10 @@ def test_launcher_stops_cleanly_when_torchrun_is_signalled(tmp_path, text_run):
     from omni.run import verify
 
     recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
-    p = subprocess.Popen([sys.executable, "-m", "omni.parallel.launch", "--standalone", "--nproc_per_node", "2",
-                          "-m", "omni", "train", str(recipe), "--quiet"], cwd=ROOT.parent, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    stdout, err = p.communicate(timeout=180)
-    assert p.returncode == 0, err[-3000:]
+    rc, stdout, err = signal_after_first_step([sys.executable, "-m", "omni.parallel.launch", "--standalone",
+                                               "--nproc_per_node", "2", "-m", "omni", "train", str(recipe), "--quiet"],
+                                              tmp_path / "run", signal.SIGTERM)
+    assert rc == 0, err[-3000:]
     assert "Traceback" not in err and "SIGTERM forwarded to the workers" in err, err[-3000:]
     (ckpt,) = (tmp_path / "run").glob("step_*")
     assert f"SIGTERM: saved {ckpt}" in stdout and verify(ckpt) is None
