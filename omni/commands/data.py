@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--world", type=int, default=None, metavar="W",
                      help="number of jobs (default: the Slurm array task count, else 1)")
     pre.add_argument("--config", metavar="YAML", help="a recipe (its data.preprocess section is used)")
+    pre.add_argument("--finalize", action="store_true",
+                     help="tokenize nothing: check that every rank's shards are done and write the manifest (the "
+                     "job after a Slurm array, see `omni launch slurm --preprocess`)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
     pre.set_defaults(func=_preprocess)
@@ -51,11 +54,16 @@ def slurm_array_rank_world() -> tuple[int, int]:
 def _preprocess(args) -> int:
     from omni.cli import split_overrides
     from omni.config import load_section
-    from omni.data.preprocess import MANIFEST, preprocess, skip_lines
+    from omni.data.preprocess import MANIFEST, finalize, preprocess, skip_lines
     from omni.io import read_json
 
     inputs, extra = split_overrides(args.input)
     cfg = load_section("data.preprocess", args.config, extra + list(args.overrides))  # the later value wins
+    if args.finalize:
+        totals = finalize(inputs, args.tokenizer, args.out, cfg)
+        print(f"wrote {os.path.join(args.out, MANIFEST)}: {totals['documents']} documents from "
+              f"{totals['samples']} samples, {totals['tokens'].get('total', 0)} tokens, in all shards")
+        return 0
     rank, world = slurm_array_rank_world()
     rank = args.rank if args.rank is not None else rank
     world = args.world if args.world is not None else world

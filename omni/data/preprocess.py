@@ -243,6 +243,35 @@ def preprocess(
             **skip_summary(done)}
 
 
+def finalize(inputs: list[str], tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
+             cfg: PreprocessConfig | None = None) -> dict:
+    """Check that every shard of a (multi-rank) run is done and write its manifest: the job that follows
+    a Slurm preprocess array (`omni launch slurm --preprocess`). Tokenizes nothing; the manifest equals
+    the one the last rank to finish wrote (it is written the same way). Returns the manifest's totals."""
+    from omni.bundle import UnifiedTokenizer
+    from omni.media import list_shards
+
+    cfg = cfg or PreprocessConfig()
+    out = Path(out)
+    shards = list_shards(inputs)
+    if not (out / "preprocess.json").is_file():
+        raise OmniError(f"{out} holds no preprocess run (no preprocess.json): run `omni data preprocess` on these "
+                        "inputs first")
+    tok = UnifiedTokenizer.load(tokenizer_dir)
+    _check_same_run(out, tok, cfg, len(shards))
+    names = [shard_name(i, p) for i, p in enumerate(shards)]
+    missing = [(i, n) for i, n in enumerate(names) if not (out / "shards" / f"{n}.json").is_file()]
+    if missing:
+        first = ", ".join(f"{n} (input shard {i})" for i, n in missing[:5])
+        raise OmniError(f"{len(missing)} of {len(names)} shard(s) are not done, first: {first}; rerun the preprocess "
+                        "task(s) they belong to (shard i belongs to rank i % world; a rerun skips finished shards), "
+                        "then finalize again")
+    wrote = write_manifest(out, tok, cfg, names)
+    assert wrote, "every shard is done: checked above"
+    check_skip_rate(out, cfg)
+    return json.loads((out / MANIFEST).read_text())["totals"]
+
+
 def _check_same_run(out: Path, tok, cfg: PreprocessConfig, n_shards: int) -> None:
     """A folder being resumed must have been started with the same tokenizer and options."""
     marker = out / "preprocess.json"

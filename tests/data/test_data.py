@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import mixed_samples, write_shards
 
 from conftest import run_cli
 from omni.config.data import DataConfig, PreprocessConfig
@@ -21,70 +22,9 @@ from omni.errors import OmniError
 HERE = Path(__file__).resolve().parent
 
 
-def _png(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _wav(wave: np.ndarray, sr: int) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, wave, sr, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def _real_samples() -> list[dict]:
-    """Photos with captions, speech with transcripts, plain text, interleaved documents."""
-    import pydoc_data.topics
-
-    from omni.toy.photos import photos
-    from omni.toy.speech import corpus
-
-    pics = [(n, a[::8, ::8].copy()) for n, a in photos("all")[:6]]  # small thumbnails keep it fast
-    utts = corpus(4, "train")
-    speech = [(u.text, *u.synthesize()) for u in utts]
-    texts = [pydoc_data.topics.topics[k][:600] for k in sorted(pydoc_data.topics.topics)[:8]]
-    samples = []
-    for i, (name, a) in enumerate(pics):
-        samples.append({"__key__": f"photo{i:03d}", "png": _png(a), "txt": f"a photo of {name.replace('_', ' ')}".encode()})
-    for i, (text, wave, sr) in enumerate(speech):
-        samples.append({"__key__": f"speech{i:03d}", "wav": _wav(wave, sr), "txt": text.encode()})
-    for i, t in enumerate(texts):
-        samples.append({"__key__": f"text{i:03d}", "txt": t.encode()})
-    for i in range(4):
-        doc = {"segments": [
-            {"text": "Describe the picture, then read the caption aloud.", "prompt": True},
-            {"image": "0.png"},
-            {"text": f"This is {pics[i][0]}."},
-            {"audio": "1.wav"},
-            {"image": "2.png"},
-        ]}
-        samples.append({"__key__": f"doc{i:03d}", "json": json.dumps(doc).encode(), "0.png": _png(pics[i][1]),
-                        "1.wav": _wav(speech[i][1], speech[i][2]), "2.png": _png(pics[i + 1][1])})
-    return samples
-
-
-def _write_shards(samples: list[dict], folder: Path, per_shard: int) -> list[Path]:
-    import webdataset as wds
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(0, len(samples), per_shard):
-        p = folder / f"part-{s // per_shard:03d}.tar"
-        with wds.TarWriter(str(p)) as w:
-            for sample in samples[s : s + per_shard]:
-                w.write(sample)
-        paths.append(p)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def real_samples():
-    return _real_samples()
+    return mixed_samples()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +46,7 @@ def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, token
     from omni.data.preprocess import encode_sample, preprocess
     from omni.data.samples import parse_sample
 
-    shards = _write_shards(real_samples, tmp_path / "raw", per_shard=5)
+    shards = write_shards(real_samples, tmp_path / "raw", per_shard=5)
     summary = preprocess([str(tmp_path / "raw")], bundle_dir, tmp_path / "tok", workers=2, progress=False)
     assert summary["manifest"] and summary["processed"] == len(shards)
 
@@ -164,7 +104,7 @@ def test_stream_is_deterministic_resumable_and_rank_sharded(tmp_path, tokenizer,
 
     half = len(real_samples) // 2
     for name, part in (("a", real_samples[:half]), ("b", real_samples[half:])):
-        _write_shards(part, tmp_path / f"raw_{name}", per_shard=8)
+        write_shards(part, tmp_path / f"raw_{name}", per_shard=8)
         preprocess([str(tmp_path / f"raw_{name}")], bundle_dir, tmp_path / name, progress=False)
     cfg = DataConfig(paths=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[3, 1], seq_len=160, seed=7)
 
@@ -209,7 +149,7 @@ def test_broken_samples_are_counted_by_reason(tmp_path, bundle_dir, real_samples
             samples.append(broken.pop())
     samples += broken
     assert len(samples) == 50  # 6 of 50 broken (12%)
-    _write_shards(samples, tmp_path / "raw", per_shard=10)
+    write_shards(samples, tmp_path / "raw", per_shard=10)
     rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
                            "--out", tmp_path / "tok", "--quiet")
     # 12% skipped is over data.preprocess.max_skip_fraction (0.1): exit 2 naming each reason's count,
@@ -231,7 +171,7 @@ def test_broken_samples_are_counted_by_reason(tmp_path, bundle_dir, real_samples
 def test_truncated_shard_keeps_what_was_read(tmp_path, bundle_dir, real_samples):
     from omni.data.preprocess import preprocess
 
-    (p,) = _write_shards(real_samples[:10], tmp_path / "raw", per_shard=10)
+    (p,) = write_shards(real_samples[:10], tmp_path / "raw", per_shard=10)
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     preprocess([str(p)], bundle_dir, tmp_path / "tok", PreprocessConfig(max_skip_fraction=1.0), progress=False)
@@ -250,7 +190,7 @@ def test_a_shard_lost_whole_counts_against_the_skip_limit(tmp_path, bundle_dir, 
     one lost of three is above max_skip_fraction=0.1 (it used to pass with exit 0)."""
     from omni.data.preprocess import preprocess
 
-    paths = _write_shards(real_samples[:12], tmp_path / "raw", per_shard=4)
+    paths = write_shards(real_samples[:12], tmp_path / "raw", per_shard=4)
     assert len(paths) == 3
     paths[0].write_bytes(b"\x00" * 10)  # not a tar at all
     with pytest.raises(OmniError, match=r"lost 1 of 3 shards to corruption \(33.3%\), above data.preprocess"):
@@ -266,7 +206,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.dist
 def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, real_samples):
-    _write_shards(real_samples * 3, tmp_path / "raw", per_shard=3)  # 22 shards
+    write_shards(real_samples * 3, tmp_path / "raw", per_shard=3)  # 22 shards
     code = "import sys; from omni.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["data", "preprocess", "--input", str(tmp_path / "raw"), "--tokenizer", str(bundle_dir), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -297,7 +237,7 @@ def test_killed_preprocess_resumes_to_identical_output(tmp_path, bundle_dir, rea
 def test_bad_preprocess_inputs(tmp_path, bundle_dir, real_samples, text_tokenizer):
     import omni
 
-    _write_shards(real_samples[:2], tmp_path / "raw", per_shard=2)
+    write_shards(real_samples[:2], tmp_path / "raw", per_shard=2)
     (tmp_path / "notatar.txt").write_text("x")
     cases = [
         (["--input", tmp_path / "none*.tar", "--tokenizer", bundle_dir], "no shard matches"),
@@ -380,7 +320,7 @@ def test_tokenizer_refusal_skips_but_a_bug_stops_the_run_naming_the_sample(tmp_p
     from omni.errors import OmniError
 
     samples = [{"__key__": f"s{i}", "txt": text.encode()} for i, text in enumerate(["fine", "refuse me", "fine too"])]
-    _write_shards(samples, tmp_path / "raw", per_shard=3)
+    write_shards(samples, tmp_path / "raw", per_shard=3)
     real = UnifiedTokenizer.encode
 
     def refusing(self, doc, *a, **kw):
@@ -411,7 +351,7 @@ def test_a_rank_whose_every_shard_is_corrupt_exits_2_naming_reasons_and_keys(tmp
     fails itself, naming each reason's count and the first keys; a run with no readable shard at
     all names them too."""
     bad = tmp_path / "raw" / "part-000.tar"
-    _write_shards(real_samples[:4], tmp_path / "raw", per_shard=2)  # part-000 (rank 0), part-001 (rank 1)
+    write_shards(real_samples[:4], tmp_path / "raw", per_shard=2)  # part-000 (rank 0), part-001 (rank 1)
     bad.write_bytes(b"not a tar archive at all" * 40)
     common = ["data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir, "--out",
               tmp_path / "tok", "--quiet", "--world", "2"]
@@ -445,7 +385,7 @@ def test_cli_prints_skip_reasons_with_counts_and_first_keys(tmp_path, bundle_dir
     samples[5:5] = [{"__key__": "bad_img", "png": pic[: len(pic) // 2], "txt": "truncated png"}]
     samples[30:30] = [{"__key__": "bad_img2", "jpg": b"not a jpeg", "txt": "garbage"},
                       {"__key__": "bad_utf8", "txt": b"\xff\xfe caf\xe9"}]
-    _write_shards(samples, tmp_path / "raw", per_shard=16)
+    write_shards(samples, tmp_path / "raw", per_shard=16)
     rc, out, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", bundle_dir,
                            "--out", tmp_path / "tok", "--quiet")
     assert rc == 0, err

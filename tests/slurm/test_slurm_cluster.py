@@ -4,6 +4,7 @@ script before its time limit (which then requeues itself, the preemption path a 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +181,38 @@ def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(cluster, tmp_
     assert final.read_bytes() == (tmp_path / "local_run" / "step_000040" / "model.safetensors").read_bytes()
     r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(out))
     assert r.returncode == 0 and "requeues 1;" in r.stdout, r.stdout + r.stderr
+
+
+def _tree(root: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] not in leave_out}
+
+
+def test_preprocess_array_of_3_tasks_equals_one_process(cluster, tmp_path, real_tokenizer):
+    """`omni launch slurm --preprocess --array 3`: three array tasks (task i = rank i of 3) tokenize
+    5 shards of photos, speech, text and interleaved documents, the afterok job writes the manifest,
+    and the token dataset is byte-identical to a one-process `omni data preprocess`."""
+    from corpus import mixed_samples, write_shards
+
+    from omni.data.preprocess import preprocess
+
+    root, bin_dir = Path(__file__).resolve().parents[2], str(Path(sys.executable).parent)
+    write_shards(mixed_samples(), tmp_path / "raw", per_shard=5)
+    real_tokenizer.save(tmp_path / "bundle")
+    out = tmp_path / "array"
+    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", "--preprocess", "--input", str(tmp_path / "raw"),
+                  "--tokenizer", str(tmp_path / "bundle"), "--out", str(out), "--array", "3")
+    assert r.returncode == 0, r.stderr
+    array_job, manifest_job = r.stdout.split("submitted array job ")[1].split()[0], r.stdout.split("manifest job ")[1].split()[0]
+    info = cluster.wait_state(manifest_job, DONE, timeout=120)
+    logs = "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs[-4000:]
+    assert sorted(p.name for p in (out / "slurm").glob("preprocess-*.out")) == [
+        f"preprocess-{array_job}_{i}.out" for i in range(3)]
+    for i, shards in ((0, 2), (1, 2), (2, 1)):
+        assert f"rank {i}/3: {shards} shard(s) processed" in (out / "slurm" / f"preprocess-{array_job}_{i}.out").read_text()
+    preprocess([str(tmp_path / "raw")], tmp_path / "bundle", tmp_path / "one", progress=False)
+    assert _tree(out, leave_out=("slurm", "slurm.json")) == _tree(tmp_path / "one")
+    assert f"wrote {out / 'manifest.json'}" in (out / "slurm" / f"manifest-{manifest_job}.out").read_text()
+    r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(out))
+    assert r.returncode == 0 and "shards done 5 of 5; manifest written" in r.stdout, r.stdout + r.stderr
