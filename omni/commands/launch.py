@@ -102,7 +102,7 @@ def _slurm(args) -> int:
             raise OmniError(f"--tokenizer {args.tokenizer!r}: one of image, audio (the tokenizer to train); with "
                             "--preprocess, the tokenizer bundle to tokenize with")
         return _submit_tokenizer(args)
-    given = [f"--{n.replace('_', '-')}" for n in ("data", "eval_data", "input", "out", "array") if getattr(args, n)]
+    given = [f"--{n.replace('_', '-')}" for n in ("data", "eval_data", "input", "out", "array") if getattr(args, n) is not None]
     if given:
         raise OmniError(f"{', '.join(given)}: only with --tokenizer image|audio or --preprocess; a training run's "
                         "data and folder are recipe keys (data.paths=[...] train.out=DIR)")
@@ -239,7 +239,7 @@ def _submit_preprocess(args) -> int:
     from omni.media import list_shards
     from omni.parallel.slurm import render_preprocess, write_state
 
-    if not (args.input and args.tokenizer and args.out and args.array):
+    if not (args.input and args.tokenizer and args.out) or args.array is None:
         raise OmniError("--preprocess needs --input SHARDS ..., --tokenizer BUNDLE, --out DIR and --array N")
     if args.array < 1:
         raise OmniError(f"--array {args.array}: a preprocess array needs at least one task")

@@ -49,7 +49,7 @@ def test_cuda_device_max_connections_only_for_megatron_tp_or_cp(tmp_path):
 def _fake_sbatch(folder: Path, reply: str = "4242;local", code: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "sbatch"
-    exe.write_text(f'#!/bin/sh\necho "$@" > "{folder}/args"\necho "{reply}"\nexit {code}\n')
+    exe.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/args"\necho "{reply}"\nexit {code}\n')
     exe.chmod(0o755)
     return folder
 
@@ -86,6 +86,7 @@ def test_submission_writes_the_script_and_config_then_calls_sbatch(tmp_path, mon
     assert (bin_dir / "args").read_text().split() == ["--parsable", str(out / "job.sbatch")]
     assert (out / "run.yaml").is_file() and "#SBATCH --nodes=2" in (out / "job.sbatch").read_text()
     assert json.loads((out / "slurm.json").read_text())["job_id"] == "4242"
+    (bin_dir / "args").unlink()
     _fake_sbatch(tmp_path / "bin", reply="sbatch: error: invalid partition", code=1)
     rc, _, err = run_cli("launch", "slurm", "recipes/models/tiny.yaml", "data.seq_len=64", f"train.out={out}")
     assert rc == 2 and "sbatch refused" in err and "invalid partition" in err, err
@@ -118,6 +119,124 @@ def test_requeue_decision_stops_when_finished_or_stalled(tmp_path):
     assert rc == 0 and "requeues 2; checkpoint step 10 of 10" in out
     rc, _, err = run_cli("launch", "status", str(tmp_path))
     assert rc == 2 and "no slurm.json" in err
+
+
+@pytest.fixture
+def shards(tmp_path, text_tokenizer):
+    """Three text shards and a text bundle: (shards folder, bundle folder)."""
+    import webdataset as wds
+
+    import omni
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        with wds.TarWriter(str(raw / f"part-{i}.tar")) as w:
+            w.write({"__key__": f"k{i}", "txt": f"text number {i}".encode()})
+    omni.UnifiedTokenizer.build(text_tokenizer).save(tmp_path / "bundle")
+    return raw, tmp_path / "bundle"
+
+
+def test_preprocess_array_script_and_submission(tmp_path, monkeypatch, shards):
+    """--preprocess renders an array of N tasks and a manifest job; both scripts pass `bash -n`; the
+    manifest job is submitted with afterok on the array job."""
+    raw, bundle = shards
+    out = tmp_path / "tokens"
+    args = ["launch", "slurm", "--preprocess", "--input", str(raw), "--tokenizer", str(bundle), "--out", str(out),
+            "--array", "3", "--cpus-per-task", "4"]
+    rc, text, err = run_cli(*args, "--dry-run", "max_skip_fraction=0.5")
+    assert rc == 0, err
+    array, manifest = text.split("# ---- the manifest job")
+    assert "#SBATCH --array=0-2" in array and "--workers 4" in array and "--finalize" not in array
+    assert "--array" not in manifest and "--finalize" in manifest
+    for script in (array, manifest):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert not out.exists()
+    bin_dir = _fake_sbatch(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    rc, text, err = run_cli(*args, "max_skip_fraction=0.5")
+    assert rc == 0 and "submitted array job 4242 (3 tasks) and manifest job 4242" in text, err
+    calls = (bin_dir / "args").read_text().splitlines()
+    assert calls == [f"--parsable {out / 'slurm' / 'preprocess.sbatch'}",
+                     f"--parsable --dependency=afterok:4242 --kill-on-invalid-dep=yes {out / 'slurm' / 'manifest.sbatch'}"]
+    from omni.config import load_section
+
+    assert load_section("data.preprocess", out / "slurm" / "preprocess.yaml").max_skip_fraction == 0.5
+
+
+def test_finalize_names_the_shards_not_done(tmp_path, shards):
+    """`omni data preprocess --finalize` (the manifest job) refuses while a rank's shards are missing,
+    naming them, and writes the one-process manifest once they are done."""
+    from omni.data.preprocess import preprocess
+
+    raw, bundle = shards
+    out = tmp_path / "tokens"
+    base = ["data", "preprocess", "--input", str(raw), "--tokenizer", str(bundle), "--out", str(out), "--quiet"]
+    rc, _, err = run_cli(*base, "--finalize")
+    assert rc == 2 and "holds no preprocess run" in err, err
+    assert run_cli(*base, "--rank", "0", "--world", "2")[0] == 0  # shards 0 and 2; shard 1 is rank 1's
+    rc, _, err = run_cli(*base, "--finalize")
+    assert rc == 2 and "1 of 3 shard(s) are not done, first: 00001-part-1 (input shard 1)" in err, err
+    assert run_cli(*base, "--rank", "1", "--world", "2")[0] == 0  # the last rank writes the manifest itself
+    manifest = (out / "manifest.json").read_bytes()
+    (out / "manifest.json").unlink()
+    rc, text, err = run_cli(*base, "--finalize")
+    assert rc == 0 and "3 documents from 3 samples" in text, err
+    preprocess([str(raw)], bundle, tmp_path / "one", progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest == (tmp_path / "one" / "manifest.json").read_bytes()
+
+
+def test_launch_modes_refuse_bad_input(tmp_path, monkeypatch, shards):
+    raw, bundle = shards
+    out = tmp_path / "o"
+    pre = ["launch", "slurm", "--preprocess", "--input", str(raw), "--tokenizer", str(bundle), "--out", str(out)]
+    tok = ["launch", "slurm", "--tokenizer", "image", "--out", str(out)]
+    cases = [
+        (pre + ["--array", "0"], "--array 0: a preprocess array needs at least one task"),
+        (pre + ["--array", "4"], "--array 4 tasks for 3 input shard(s)"),
+        (pre, "--preprocess needs --input SHARDS ..., --tokenizer BUNDLE, --out DIR and --array N"),
+        (["launch", "slurm", "--preprocess", "--input", str(raw), "--tokenizer", str(tmp_path / "nope"), "--out",
+          str(out), "--array", "1"], "no such tokenizer bundle folder"),
+        (["launch", "slurm", "--tokenizer", "video", "--data", str(raw), "--out", str(out)],
+         "--tokenizer 'video': one of image, audio"),
+        (["launch", "slurm", "recipes/models/tiny.yaml", "--data", str(raw)], "--data: only with --tokenizer"),
+        (tok, "--tokenizer image needs --data"),
+        (tok + ["--data", str(tmp_path / "missing")], "image data not found"),
+        (tok + ["--data", str(raw), "--nodes", "3", "batch_size=8"],
+         "tokenizer.image.batch_size=8 is the global batch: it must divide by the 3 processes"),
+        (tok + ["--data", str(raw), "no_such_key=1"], "tokenizer.image.no_such_key"),
+        (["launch", "slurm", "--tokenizer", "audio", "--data", str(raw), "--eval-data", str(raw), "--out", str(out)],
+         "--eval-data: the audio tokenizer trainer takes no eval data"),
+        (["launch", "slurm"], "give a RECIPE to train"),
+    ]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for args, needle in cases:
+        rc, _, err = run_cli(*args, "--dry-run")
+        assert rc == 2 and needle in err and "Traceback" not in err, (args, err)
+    assert not out.exists()
+
+
+def test_tokenizer_job_script_runs_the_tokenizer_trainer(tmp_path, monkeypatch, shards):
+    """--tokenizer image: the same job script as training (rendezvous, signals, requeue), running
+    `omni tokenizer train image` with the saved recipe; the run is recorded as a tokenizer run."""
+    raw, _ = shards
+    out = tmp_path / "tok"
+    args = ["launch", "slurm", "--tokenizer", "image", "recipes/tokenizers/image_vq.yaml", "--data", str(raw),
+            "--out", str(out), "--nodes", "2", "batch_size=8", "launch.max_requeues=5"]
+    rc, text, err = run_cli(*args, "--dry-run")
+    assert rc == 0, err
+    assert (f'-m omni "$@"\' omni tokenizer train image --config {out / "launch.yaml"} --data {raw} --out {out} '
+            "--quiet &") in text, text
+    assert "#SBATCH --signal=B:USR1@120" in text and "scontrol requeue" in text
+    bin_dir = _fake_sbatch(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    rc, text, err = run_cli(*args)
+    assert rc == 0 and "submitted job 4242" in text, err
+    state = json.loads((out / "slurm.json").read_text())
+    assert state["kind"] == "tokenizer image" and state["max_requeues"] == 5
+    from omni.config import load_section
+
+    assert load_section("tokenizer.image", out / "launch.yaml").batch_size == 8
 
 
 @pytest.mark.parametrize("cmd", [["launch", "slurm", "--help"], ["launch", "status", "--help"]])
