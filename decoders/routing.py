@@ -1,0 +1,163 @@
+"""Routing tokens and super-link queries: how the decoder hands hidden states to a task head.
+
+VisionLLM v2 (Wu et al. 2024, https://arxiv.org/abs/2406.08394, Sec. 3.2 "super link"): when a
+routing token such as ``<det>`` appears, K learned query embeddings are appended right after it, in
+training and in token-by-token generation alike; the decoder's final hidden states at those K
+positions condition the task head bound to that token. omni's sequences carry the K positions
+explicitly, so training and generation run the same code::
+
+    position    ... t-1      t       t+1 .. t+K    t+K+1
+    id          ... <eoi>    <det>   SLOT .. SLOT  <eos>
+    input emb.  ... E[<eoi>] E[<det>] q_1 .. q_K    E[<eos>]     q = the head's query embeddings [K, D]
+    LM target   ... <det>    (none)  (none) .. <eos>             the slots' own ids are never targets
+
+* ``SLOT`` (``<pad>``) is the id written at the K *slots*; its embedding is never used: the slots'
+  input rows are replaced by the query embeddings (:meth:`SuperLinkQueries.splice`). Reusing
+  ``<pad>`` keeps every bundle's vocabulary as it is.
+* The LM loss never scores a prediction *of* a slot: the targets at the routing token and the
+  first K-1 slots are ignored (:meth:`SuperLinkQueries.ignore_slot_targets`); the last slot's
+  prediction of what follows is scored as usual.
+* The query states are the final hidden states at the slots, [K, D] per routing token
+  (:meth:`SuperLinkQueries.gather`); in generation, when the model emits the routing token, the
+  token and its K queries are fed in one step (:meth:`SuperLinkQueries.step_inputs`), so the KV
+  cache holds the query positions and the next tokens attend to them.
+* A head that reads an image (detection) reads the codes of the nearest image block before its
+  routing token in the same document (:func:`image_context`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omni.errors import OmniError
+
+SLOT = "<pad>"
+"""The special whose id fills the K slot positions after a routing token."""
+IGNORE_INDEX = -100  # omni.model.IGNORE_INDEX (decoders may not import the model; a test checks they agree)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One routing token in a batch: row ``row``, token at position ``token``, its K slots after it."""
+
+    row: int
+    token: int
+    name: str
+    """The routing token, for example ``'<det>'``."""
+    n_queries: int
+
+    @property
+    def slots(self) -> slice:
+        return slice(self.token + 1, self.token + 1 + self.n_queries)
+
+
+class SuperLinkQueries(nn.Module):
+    """K learned query embeddings per routing token (VisionLLM v2's super-link queries).
+
+    ``n_queries`` maps a routing token (``'<det>'``, ``'<gen>'``) to its K; ``token_ids`` maps the
+    same names, and ``SLOT``, to their vocabulary ids.
+    """
+
+    def __init__(self, dim: int, n_queries: dict[str, int], token_ids: dict[str, int], init_std: float = 0.02):
+        super().__init__()
+        for name, k in n_queries.items():
+            if name not in token_ids:
+                raise OmniError(f"routing token {name!r} is not in the vocabulary's specials; known: "
+                                f"{', '.join(sorted(token_ids))}")
+            if not isinstance(k, int) or k < 1:
+                raise OmniError(f"{name} needs at least one super-link query, got n_queries={k!r}")
+        if SLOT not in token_ids:
+            raise OmniError(f"the vocabulary has no {SLOT} (the slot placeholder)")
+        self.n_queries = dict(n_queries)
+        self.token_ids = {name: int(token_ids[name]) for name in n_queries}
+        self.slot_id = int(token_ids[SLOT])
+        # ParameterDict keys may not contain '<' or '>': '<det>' -> 'det'
+        self.queries = nn.ParameterDict(
+            {_key(name): nn.Parameter(torch.randn(k, dim) * init_std) for name, k in n_queries.items()})
+
+    def find(self, ids: torch.Tensor) -> list[Route]:
+        """The routing tokens in ``ids`` [B, T], by row then position; each must be followed by its K
+        slots inside the row (a row that cuts them off, or data written with another K, is refused)."""
+        routes = []
+        T = ids.shape[1]
+        for name, tid in self.token_ids.items():
+            k = self.n_queries[name]
+            for b, t in (ids == tid).nonzero().tolist():
+                if t + k > T - 1:  # the slots are t+1 .. t+k
+                    raise OmniError(f"{name} at position {t} of a {T}-token row has no room for its {k} slots: "
+                                    "a routed document must not be cut (the packer keeps it whole)")
+                got = ids[b, t + 1 : t + 1 + k]
+                if not bool((got == self.slot_id).all()):
+                    n = int((got == self.slot_id).long().cumprod(0).sum())
+                    raise OmniError(f"{name} at position {t} is followed by {n} slot(s) ({SLOT}), the head has "
+                                    f"n_queries={k}: the data was written for another K, or the routing token "
+                                    "appears as plain text")
+                routes.append(Route(b, t, name, k))
+        return sorted(routes, key=lambda r: (r.row, r.token))
+
+    def splice(self, embeds: torch.Tensor, routes: list[Route]) -> torch.Tensor:
+        """``embeds`` [B, T, D] with each route's slot rows replaced by its query embeddings (a new
+        tensor: the gradient reaches both the token embeddings and the queries)."""
+        if not routes:
+            return embeds
+        out = embeds.clone()
+        for r in routes:
+            out[r.row, r.slots] = self.queries[_key(r.name)].to(out.dtype)
+        return out
+
+    def gather(self, hidden: torch.Tensor, routes: list[Route]) -> dict[str, torch.Tensor]:
+        """Query states by routing token: name -> [n_routes, K, D] from ``hidden`` [B, T, D], in the
+        order of ``routes``."""
+        by_name: dict[str, list[torch.Tensor]] = {}
+        for r in routes:
+            by_name.setdefault(r.name, []).append(hidden[r.row, r.slots])
+        return {name: torch.stack(states) for name, states in by_name.items()}
+
+    @staticmethod
+    def ignore_slot_targets(labels: torch.Tensor, routes: list[Route]) -> torch.Tensor:
+        """``labels`` [B, T] (shifted: labels[t] is the target of position t) with the targets of the
+        routing token and the first K-1 slots ignored: they would be the slot placeholder."""
+        if not routes:
+            return labels
+        labels = labels.clone()
+        for r in routes:
+            labels[r.row, r.token : r.token + r.n_queries] = IGNORE_INDEX
+        return labels
+
+    def step_inputs(self, name: str, embedding: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """What generation feeds in one step after sampling routing token ``name``: ids [1, 1+K]
+        (the token, then K slots) and their input embeddings [1, 1+K, D] (the token's own, then the
+        K queries)."""
+        k, tid = self.n_queries[name], self.token_ids[name]
+        ids = torch.tensor([[tid] + [self.slot_id] * k], device=embedding.weight.device)
+        route = Route(0, 0, name, k)
+        return ids, self.splice(embedding(ids), [route])
+
+
+def _key(name: str) -> str:
+    return name.strip("<>")
+
+
+def image_context(ids: torch.Tensor, route: Route, boi_id: int, eoi_id: int,
+                  doc_ids: torch.Tensor | None = None) -> slice:
+    """Positions of the codes of the nearest complete image block before ``route``'s token in its row
+    (and document, given ``doc_ids`` [B, T]): a slice ``boi + 1 .. eoi``. Refused when there is none
+    (a ``<det>`` must follow the image it is asked about)."""
+    row = ids[route.row, : route.token]
+    eois = (row == eoi_id).nonzero().flatten().tolist()
+    for eoi in reversed(eois):
+        bois = (row[:eoi] == boi_id).nonzero().flatten().tolist()
+        if not bois:
+            break
+        boi = bois[-1]
+        if doc_ids is not None and doc_ids[route.row, boi] != doc_ids[route.row, route.token]:
+            break  # the image belongs to an earlier document of the packed row
+        return slice(boi + 1, eoi)
+    raise OmniError(f"{route.name} at position {route.token} has no image before it in its document: put the "
+                    "image the request is about before the routing token")
+
+
+__all__ = ["IGNORE_INDEX", "SLOT", "Route", "SuperLinkQueries", "image_context"]
