@@ -51,7 +51,7 @@ class TaskHead(torch.nn.Module, abc.ABC):
 
 
 # kind -> TaskHead subclass or "module:Class". Built-in heads are imported only when first named.
-HEADS = Registry("task head kind", "registered kinds")
+HEADS = Registry("task head kind", "registered kinds", {"detr": "omni.decoders.detection:DetectionHead"})
 
 
 def register_head(kind: str, cls_or_path: str | type[TaskHead]) -> None:
