@@ -20,6 +20,8 @@ _LAZY = {
     "Text": "omni.document:Text",
     "Image": "omni.document:Image",
     "Audio": "omni.document:Audio",
+    "Detect": "omni.document:Detect",
+    "Generate": "omni.document:Generate",
     "UnifiedVocab": "omni.vocab:UnifiedVocab",
     "UnifiedTokenizer": "omni.bundle:UnifiedTokenizer",
     "RunConfig": "omni.config:RunConfig",
@@ -41,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from omni.config import RunConfig, load_config
     from omni.config.generate import GenerateConfig
     from omni.config.model import ModelConfig
-    from omni.document import Audio, Document, Image, Text
+    from omni.document import Audio, Detect, Document, Generate, Image, Text
     from omni.errors import ConfigError, OmniError
     from omni.generation.generator import generate
     from omni.model import OmniDecoder

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omni.document import Audio, Document, Image, Segment, Text
+from omni.document import Audio, Detect, Document, Generate, Image, Segment, Text
 from omni.errors import DecodeError, OmniError, VocabMismatchError
 from omni.io import atomic_write_text, read_json, sha256_bytes
 from omni.vocab import UnifiedVocab
@@ -134,13 +134,22 @@ class UnifiedTokenizer:
         return list(self._need("text").encode(text))
 
     def encode(self, doc: Document | Segment | str, bos: bool = True, eos: bool = False,
-               return_modality: bool = False):
-        """Document -> 1-D LongTensor of ids (and, with ``return_modality``, a uint8 modality per id)."""
+               return_modality: bool = False, slots: dict[str, int] | None = None):
+        """Document -> 1-D LongTensor of ids (and, with ``return_modality``, a uint8 modality per id).
+
+        A :class:`~omni.document.Detect` or :class:`~omni.document.Generate` segment encodes as its
+        routing token followed by K slot ids (``omni.vocab.SLOT``), K from ``slots`` (default
+        :data:`omni.vocab.SUPER_LINK_QUERIES`); the ground-truth boxes of a Detect are not tokens (the
+        preprocessor stores them beside the tokens).
+        """
         import torch
 
+        from omni.vocab import SLOT, SUPER_LINK_QUERIES
+
+        slots = {**SUPER_LINK_QUERIES, **(slots or {})}
         if isinstance(doc, str):
             doc = Document([Text(doc)])
-        elif isinstance(doc, (Text, Image, Audio)):
+        elif isinstance(doc, (Text, Image, Audio, Detect, Generate)):
             doc = Document([doc])
         if not isinstance(doc, Document):
             raise OmniError(f"encode expects a Document, a segment or a str, got {type(doc).__name__}")
@@ -160,8 +169,12 @@ class UnifiedTokenizer:
                 with torch.no_grad():
                     codes = tok.encode(seg.wave, seg.sample_rate).reshape(-1)
                 ids.extend(v.block("audio", codes))
+            elif isinstance(seg, (Detect, Generate)):
+                name = "<det>" if isinstance(seg, Detect) else "<gen>"
+                ids.extend([v.special(name)] + [v.special(SLOT)] * slots[name])
             else:
-                raise OmniError(f"unknown segment type {type(seg).__name__}; expected Text, Image or Audio")
+                raise OmniError(f"unknown segment type {type(seg).__name__}; expected Text, Image, Audio, Detect "
+                                "or Generate")
         if eos:
             ids.append(v.special("<eos>"))
         out = torch.tensor(ids, dtype=torch.long)
@@ -183,6 +196,7 @@ class UnifiedTokenizer:
         mode (``strict=False``) keeps what decodes and lists what it dropped in ``Document.dropped``.
         """
         seq = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
+        routing = (self.vocab.special("<det>"), self.vocab.special("<gen>"))
         doc = Document()
         text_run: list[int] = []
 
@@ -219,7 +233,10 @@ class UnifiedTokenizer:
                     self._decode_image(codes, piece.start, doc, problem)
                 else:
                     self._decode_audio(codes, piece.start, doc, problem)
-            # 'special': control and routing specials carry no content
+            elif seq[piece.start] in routing:  # its slots (<pad>) follow as specials: no content
+                flush_text()
+                doc.segments.append(Detect() if seq[piece.start] == routing[0] else Generate())
+            # other specials (control, slots) carry no content
         flush_text()
         return doc
 

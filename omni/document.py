@@ -198,7 +198,54 @@ class Audio:
         return _save_bytes(path, buf.getvalue())
 
 
-Segment = Union[Text, Image, Audio]
+Box = tuple[float, float, float, float]
+"""``(x0, y0, x1, y1)`` in [0, 1] of the image's width and height (x to the right, y down)."""
+
+
+@dataclass(repr=False)
+class Detect:
+    """A ``<det>`` routing token (VisionLLM v2): the detection head finds boxes in the image before it.
+
+    In training data ``boxes`` are the ground truth (``scores`` None; an empty list when the request
+    matches nothing); in a generated document, the head's boxes and their scores, highest first.
+    ``phrase`` is what was asked, for display ("every red circle"); the request itself is the text
+    before the image."""
+
+    boxes: list[Box] = field(default_factory=list)
+    scores: list[float] | None = None
+    phrase: str = ""
+
+    def __post_init__(self) -> None:
+        boxes = []
+        for i, b in enumerate(self.boxes):
+            try:
+                x0, y0, x1, y1 = (float(v) for v in b)
+            except (TypeError, ValueError):
+                raise OmniError(f"Detect box {i} must be 4 numbers (x0, y0, x1, y1), got {b!r}") from None
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise OmniError(f"Detect box {i} {b!r}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions "
+                                "of the image's width and height)")
+            boxes.append((x0, y0, x1, y1))
+        self.boxes = boxes
+        if self.scores is not None and len(self.scores) != len(self.boxes):
+            raise OmniError(f"Detect has {len(self.boxes)} boxes but {len(self.scores)} scores")
+
+    def __repr__(self) -> str:
+        what = f" {self.phrase!r}" if self.phrase else ""
+        return f"Detect({len(self.boxes)} boxes{what})"
+
+
+@dataclass(repr=False)
+class Generate:
+    """A ``<gen>`` routing token (VisionLLM v2): the image segment right after it is the one the
+    diffusion head makes (in training data, the one it should make; the language model is not
+    trained to write its tokens)."""
+
+    def __repr__(self) -> str:
+        return "Generate()"
+
+
+Segment = Union[Text, Image, Audio, Detect, Generate]
 
 MEDIA_SEPARATOR = "\n"
 """What :attr:`Document.text` puts between text runs that an image or audio clip separates."""

@@ -30,6 +30,13 @@ MODALITY_NAMES = ("text", "special", "image", "audio", "unused")
 
 NAMED_SPECIALS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<boa>", "<eoa>", "<det>", "<gen>")
 """Specials every bundle has. <det>/<gen> are the routing tokens (VisionLLM v2)."""
+ROUTING_TOKENS = ("<det>", "<gen>")
+"""Routing specials: each is followed by its K super-link slots (``SLOT`` ids) in a sequence."""
+SLOT = "<pad>"
+"""The id written at the K slots after a routing token (omni.decoders.routing replaces their input
+embeddings with the head's queries, so the placeholder's own embedding is never used)."""
+SUPER_LINK_QUERIES = {"<det>": 4, "<gen>": 64}
+"""Default K per routing token (VisionLLM v2's: 4 for detection, 64 for generation)."""
 CONTROL_SPECIALS = ("<bos>", "<eos>", "<pad>")
 BLOCKS = {"image": ("<boi>", "<eoi>", IMAGE), "audio": ("<boa>", "<eoa>", AUDIO)}
 """Block kind -> (opener, closer, modality of its codes)."""
@@ -267,20 +274,53 @@ class UnifiedVocab:
         """The image and audio blocks of ``ids`` (closed or not), in order."""
         return [p for p in self.scan(ids) if p.kind in BLOCKS]
 
+    def routed_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        """``[(start, end)]`` of the pieces a routing token binds together, which packing keeps whole:
+        ``<det>`` with its slots and the image block before it (the image the head reads), ``<gen>``
+        with its slots and the image block right after them (the image the head makes)."""
+        import numpy as np
+
+        arr = np.asarray(ids)
+        det, gen, slot = self.specials["<det>"], self.specials["<gen>"], self.specials[SLOT]
+        routing = np.flatnonzero((arr == det) | (arr == gen))
+        if not len(routing):
+            return []
+        blocks = [b for b in self.blocks(ids) if b.closed]
+        spans = []
+        for t in routing.tolist():
+            i = int(arr[t])
+            end = t + 1
+            while end < len(arr) and arr[end] == slot:
+                end += 1
+            start = t
+            if i == det:
+                before = [b for b in blocks if b.end <= t]
+                start = before[-1].start if before else t
+            else:
+                after = [b for b in blocks if b.start == end]
+                end = after[0].end if after else end
+            spans.append((start, end))
+        return spans
+
     def split_points(self, ids):
         """bool [T+1] for ids [T]: ``ok[k]`` iff cutting between ``ids[k-1]`` and ``ids[k]`` leaves every
-        block whole. A block that is never closed stays open to the end: no cut after its opener."""
+        block and every routed span (:meth:`routed_spans`) whole. A block that is never closed stays open
+        to the end: no cut after its opener."""
         import numpy as np
 
         ok = np.ones(len(ids) + 1, bool)
         for b in self.blocks(ids):
             ok[b.start + 1:b.end if b.closed else None] = False
+        for start, end in self.routed_spans(ids):
+            ok[start + 1:end] = False
         return ok
 
     def longest_block(self, ids) -> int:
-        """Length of the longest closed image/audio block of ``ids`` (opener and closer included): the
-        shortest sequence that can hold it, since packing never splits a block."""
-        return max((b.end - b.start for b in self.blocks(ids) if b.closed), default=0)
+        """Length of the longest piece packing never splits: a closed image/audio block (opener and
+        closer included) or a routed span. The shortest sequence that can hold the document's pieces."""
+        pieces = [b.end - b.start for b in self.blocks(ids) if b.closed]
+        pieces += [end - start for start, end in self.routed_spans(ids)]
+        return max(pieces, default=0)
 
     @staticmethod
     def position_ids(length: int, start: int = 0):

@@ -85,6 +85,33 @@ def test_document_round_trip_with_every_modality(tokenizer):
     assert out.audios[0].sample_rate == tokenizer.audio.sample_rate
 
 
+def test_routing_segments_encode_with_their_slots_and_packing_keeps_them_whole(tokenizer):
+    """Detect / Generate encode as the routing token and K slots (<pad>); decoding gives the segments
+    back; the packer's split points never cut a <det> from the image before it, or a <gen> from the
+    image after it (routed spans), and the longest unsplittable piece counts them."""
+    v = tokenizer.vocab
+    img = omni.Image(torch.rand(3, 16, 16))
+    doc = omni.Document([omni.Text("find every red circle"), img, omni.Detect([(0.1, 0.2, 0.5, 0.6)]),
+                         omni.Text(" now draw"), omni.Generate(), img])
+    ids = tokenizer.encode(doc, bos=False, slots={"<det>": 3, "<gen>": 2}).tolist()
+    det, gen, pad = v.specials["<det>"], v.specials["<gen>"], v.specials["<pad>"]
+    t_det, t_gen = ids.index(det), ids.index(gen)
+    assert ids[t_det + 1 : t_det + 4] == [pad] * 3 and ids[t_det + 4] != pad
+    assert ids[t_gen + 1 : t_gen + 3] == [pad] * 2 and ids[t_gen + 3] == v.specials["<boi>"]
+    out = tokenizer.decode(ids)
+    assert [type(s).__name__ for s in out] == ["Text", "Image", "Detect", "Text", "Generate", "Image"]
+    boi = ids.index(v.specials["<boi>"])
+    spans = v.routed_spans(ids)
+    assert spans == [(boi, t_det + 4), (t_gen, t_gen + 3 + 18)]  # an image block is 16 codes + 2
+    ok = v.split_points(ids)
+    assert not ok[boi + 1 : t_det + 4].any() and ok[t_det + 4]
+    assert not ok[t_gen + 1 : t_gen + 21].any() and ok[t_gen]
+    assert v.longest_block(ids) == t_det + 4 - boi
+    assert tokenizer.encode(omni.Detect(), bos=False).tolist() == [det] + [pad] * 4  # default K (VisionLLM v2)
+    with pytest.raises(OmniError, match="need 0 <= x0 < x1 <= 1"):
+        omni.Detect([(0.5, 0.1, 0.2, 0.3)])
+
+
 def test_images_of_other_sizes_and_modes_are_converted(tokenizer):
     from PIL import Image as PILImage
 

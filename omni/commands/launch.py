@@ -310,7 +310,7 @@ def _status(args) -> int:
 
         marker = run_dir / "preprocess.json"
         total = json.loads(marker.read_text())["n_shards"] if marker.is_file() else "?"
-        done = len(list((run_dir / "shards").glob("*.json")))
+        done = sum(1 for f in (run_dir / "shards").glob("*.json") if not f.name.endswith(".det.json"))
         manifest = "written" if (run_dir / MANIFEST).is_file() else "not written yet"
         print(f"array job {job} ({state.get('array')} tasks): {_squeue_state(job)}; manifest job "
               f"{state.get('manifest_job_id')}: {_squeue_state(state.get('manifest_job_id'))}; shards done {done} "

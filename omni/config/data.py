@@ -27,9 +27,17 @@ class PreprocessConfig:
     unreadable from its start adds no sample to count), is above this fails (after writing its
     manifest), naming the count of each reason; so does a run that writes no document at all, whatever
     this is. 1.0: fail only then."""
+    det_queries: int = 4
+    """K: slots written after each ``<det>`` (the detection head's super-link queries; VisionLLM v2: 4).
+    Training checks it against ``heads.det.n_queries``."""
+    gen_queries: int = 64
+    """K: slots written after each ``<gen>`` (the diffusion head's super-link queries; VisionLLM v2: 64).
+    Training checks it against ``heads.gen.n_queries``."""
 
     def __post_init__(self) -> None:
         check_choice(self.pair_order, "pair_order", ("media_first", "text_first", "random"))
+        check(self.det_queries >= 1, "det_queries", self.det_queries, ">= 1")
+        check(self.gen_queries >= 1, "gen_queries", self.gen_queries, ">= 1")
         check(self.log_skipped >= 0, "log_skipped", self.log_skipped, ">= 0")
         check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
 

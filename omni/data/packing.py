@@ -48,13 +48,15 @@ class TokenDataset:
             skipped = ", ".join(f"{n} {r}" for r, n in totals.get("skipped", {}).items()) or "none"
             raise OmniError(f"token dataset {self.path} holds no documents ({totals.get('samples', 0)} samples "
                             f"read, skipped: {skipped}); remove it from data.paths or preprocess other shards")
-        self.tokens, self.masks = [], []
+        self.tokens, self.masks, self._det_files = [], [], []
+        self._det: dict[int, dict] = {}  # shard -> its NAME.det.json, read on first use
         for entry in self.manifest["shards"]:
             if not entry["documents"]:  # an empty .bin cannot be memory-mapped; it adds nothing anyway
                 continue
             prefix = self.path / "shards" / entry["name"]
             self.tokens.append(IndexedDataset(str(prefix)))
             self.masks.append(IndexedDataset(str(prefix) + ".mask"))
+            self._det_files.append(Path(str(prefix) + ".det.json") if entry.get("routed", {}).get("<det>") else None)
         counts = np.array([len(t) for t in self.tokens], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.lengths = (np.concatenate([t.sequence_lengths for t in self.tokens]).astype(np.int64)
@@ -69,6 +71,17 @@ class TokenDataset:
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = i - int(self._starts[s])
         return self.tokens[s][j].astype(np.int64), self.masks[s][j]
+
+    def det_boxes(self, i: int) -> list[np.ndarray]:
+        """The ground-truth boxes of each ``<det>`` of document ``i``, in order: float32 [n, 4] each
+        (x0, y0, x1, y1 in [0, 1]; n may be 0); [] for a document without one."""
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        if self._det_files[s] is None:
+            return []
+        if s not in self._det:
+            self._det[s] = json.loads(self._det_files[s].read_text())["documents"]
+        routes = self._det[s].get(str(i - int(self._starts[s])), [])
+        return [np.asarray(b, np.float32).reshape(-1, 4) for b in routes]
 
 
 @dataclass

@@ -4,6 +4,7 @@ Output folder::
 
     DIR/shards/NAME.bin, NAME.idx            token ids (int32), one sequence per document
     DIR/shards/NAME.mask.bin, NAME.mask.idx  per-token loss mask (uint8; 0 on prompt segments)
+    DIR/shards/NAME.det.json                 ground-truth boxes of each <det>, by document (only if any)
     DIR/shards/NAME.json                     that shard's counts; written last = the shard is done
     DIR/manifest.json                        all shards, totals, tokenizer identity (once all are done)
 
@@ -41,9 +42,11 @@ def shard_name(index: int, path: Path) -> str:
     return f"{index:05d}-{stem}"
 
 
-def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A parsed sample -> (ids int32 [T], loss mask uint8 [T]); prompt segments get mask 0."""
-    from omni.document import Document
+def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, list[list]]:
+    """A parsed sample -> (ids int32 [T], loss mask uint8 [T], the ground-truth boxes of each ``<det>``
+    in order); prompt segments get mask 0; routing segments get their K slots (``cfg.det_queries``,
+    ``cfg.gen_queries``)."""
+    from omni.document import Detect, Document
     from omni.media import BadSample
 
     ids: list[np.ndarray] = []
@@ -52,9 +55,11 @@ def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.nd
     if cfg.add_bos:
         ids.append(np.array([v.special("<bos>")], np.int32))
         mask.append(np.zeros(1, np.uint8))  # never a target
+    slots = {"<det>": cfg.det_queries, "<gen>": cfg.gen_queries}
+    boxes = [[list(b) for b in seg.boxes] for seg in parsed.doc.segments if isinstance(seg, Detect)]
     for seg, prompt in zip(parsed.doc.segments, parsed.prompt):
         try:
-            seg_ids = tok.encode(Document([seg]), bos=False).numpy().astype(np.int32)
+            seg_ids = tok.encode(Document([seg]), bos=False, slots=slots).numpy().astype(np.int32)
         except (OmniError, ValueError) as e:  # the tokenizer refused this content: skip the sample
             raise BadSample("tokenize_error", f"{type(e).__name__}: {e}") from None
         # any other exception is a bug, not bad data: it stops the run (process_shard names the sample)
@@ -63,7 +68,7 @@ def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.nd
     if cfg.add_eos:
         ids.append(np.array([v.special("<eos>")], np.int32))
         mask.append(np.ones(1, np.uint8))
-    return np.concatenate(ids), np.concatenate(mask)
+    return np.concatenate(ids), np.concatenate(mask), boxes
 
 
 def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) -> dict:
@@ -87,11 +92,13 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
     report = SkipReport(keep=cfg.log_skipped)
     per_modality = np.zeros(len(MODALITY_NAMES), np.int64)
     n_samples = n_docs = max_block = 0
+    det_boxes: dict[str, list] = {}  # document index in the shard -> per <det>, its boxes
+    routed = Counter()
     for sample in iter_samples(path, report):
         n_samples += 1
         try:
             parsed = parse_sample(sample, cfg.pair_order, cfg.seed)
-            ids, mask = encode_sample(tok, parsed, cfg)
+            ids, mask, boxes = encode_sample(tok, parsed, cfg)
         except BadSample as e:
             report.skip(e.reason, sample.get("__key__", "?"), str(e))
             continue
@@ -103,11 +110,17 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
         mask_b.add_document(mask, [len(mask)])
         per_modality += np.bincount(table[ids], minlength=len(MODALITY_NAMES))
         max_block = max(max_block, tok.vocab.longest_block(ids))
+        if boxes:
+            det_boxes[str(n_docs)] = boxes
+        for routing in ("<det>", "<gen>"):
+            routed[routing] += int((ids == tok.vocab.special(routing)).sum())
         n_docs += 1
     tokens_b.finalize(str(tmp[".idx"]))
     mask_b.finalize(str(tmp[".mask.idx"]))
     for suffix, p in tmp.items():
         os.replace(p, shard_dir / f"{name}{suffix}")
+    if det_boxes:
+        atomic_write_text(shard_dir / f"{name}.det.json", json.dumps({"documents": det_boxes}) + "\n")
     entry = {
         "name": name,
         "source": str(path),
@@ -118,6 +131,7 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
         "max_block": max_block,
         "skipped": dict(sorted(report.skipped.items())),
         "skipped_samples": report.samples,
+        **({"routed": dict(routed)} if any(routed.values()) else {}),
     }
     atomic_write_text(shard_dir / f"{name}.json", json.dumps(entry, indent=1) + "\n")
     return entry

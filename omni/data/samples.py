@@ -9,7 +9,11 @@ Recognized samples (the format is documented in docs/data.md):
 * an interleaved document: ``.json`` with ``{"segments": [...]}``, each segment one of
   ``{"text": str}``, ``{"image": EXT}`` or ``{"audio": EXT}`` naming a member of the same sample
   (``"image": "0.png"`` is member ``KEY.0.png``), and optionally ``"prompt": true`` (no loss on
-  its tokens in SFT)
+  its tokens in SFT); and the routing segments ``{"det": {"boxes": [[x0, y0, x1, y1], ...],
+  "phrase": str}}`` (the boxes the detection head should find in the image before it, fractions of
+  its size; ``[]`` when nothing matches) and ``{"gen": EXT}`` (the image the diffusion head should
+  make: it follows ``<gen>`` as an ordinary image block that the language model is not trained to
+  write)
 
 Anything else raises :class:`omni.media.BadSample` with one of :data:`omni.media.REASONS`, which the
 manifest counts.
@@ -21,7 +25,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from omni.document import Audio, Document, Image, Text
+from omni.document import Audio, Detect, Document, Generate, Image, Text
+from omni.errors import OmniError
 from omni.media import AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, BadSample, read_audio, read_image, read_text
 
 
@@ -75,8 +80,25 @@ def parse_sample(sample: dict, pair_order: str = "random", seed: int = 0) -> Par
                 if ref not in members:
                     raise BadSample("missing_member", f"segment {i} names {key}.{ref}, which the sample lacks")
                 doc.segments.append(_image(members[ref]) if kind == "image" else _audio(members[ref]))
+            elif "det" in seg:
+                if not any(isinstance(s, Image) for s in doc.segments):
+                    raise BadSample("bad_json", f"segment {i}: a det segment needs an image before it (the image "
+                                    "the request is about)")
+                try:
+                    spec = seg["det"]
+                    doc.segments.append(Detect([tuple(b) for b in spec["boxes"]], phrase=str(spec.get("phrase", ""))))
+                except (OmniError, KeyError, TypeError) as e:
+                    raise BadSample("bad_json", f"segment {i}: det needs {{'boxes': [[x0, y0, x1, y1], ...]}} in "
+                                    f"[0, 1]: {e}") from None
+            elif "gen" in seg:
+                ref = str(seg["gen"]).lower()
+                if ref not in members:
+                    raise BadSample("missing_member", f"segment {i} names {key}.{ref}, which the sample lacks")
+                doc.segments += [Generate(), _image(members[ref])]
+                prompt += [False, True]  # <gen> is predicted; the image is the head's to make
+                continue
             else:
-                raise BadSample("bad_json", f"segment {i} has none of text/image/audio: {seg!r}")
+                raise BadSample("bad_json", f"segment {i} has none of text/image/audio/det/gen: {seg!r}")
             prompt.append(bool(seg.get("prompt", False)))
         return ParsedSample(key, doc, prompt)
 

@@ -61,7 +61,7 @@ def test_end_to_end_two_workers_unpack_reproduces_every_document(tmp_path, token
     cfg = PreprocessConfig()
     expected = []
     for s in real_samples:
-        ids, mask = encode_sample(tokenizer, parse_sample(s, cfg.pair_order, cfg.seed), cfg)
+        ids, mask, _ = encode_sample(tokenizer, parse_sample(s, cfg.pair_order, cfg.seed), cfg)
         expected.append((ids, mask))
     for i, (ids, mask) in enumerate(expected):
         got_ids, got_mask = ds.document(i)
