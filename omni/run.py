@@ -20,6 +20,13 @@ no pickle anywhere.
 
 A leaf of the house: imports only :mod:`omni.errors`, :mod:`omni.io` and :mod:`omni.config`, so
 the tokenizer trainers follow the convention without knowing the decoder's world.
+
+Stopping and data parallelism, shared by the trainers: :class:`StopFlag` turns SIGTERM / SIGUSR1 /
+SIGINT into "finish this step, save, stop" (:class:`TrainingStopped` tells a caller the run stopped
+early), and the few collectives the tokenizer trainers need under torchrun (whose process group the
+command line starts with :func:`omni.parallel.dist.init_distributed`): :func:`dp_rank_world`,
+:func:`check_global_batch`, :func:`all_reduce`, :func:`average_gradients`, :func:`gather_objects`,
+:func:`check_replicas`, :func:`barrier`. Without a process group each is the one-process identity.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -368,3 +376,150 @@ def prune(out: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints."""
     for _, p in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on a signal
+# --------------------------------------------------------------------------------------------
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checks it between steps. A second Ctrl-C (SIGINT)
+    aborts at once, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signal: int | None = None
+        self.announce = announce
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread install handlers (e.g. train() called from a worker thread)
+            warnings.warn("train() runs outside the main thread, so SIGTERM/SIGUSR1/SIGINT cannot be caught: a "
+                          "preemption will stop the run without a checkpoint (the steps since the last "
+                          "save are lost)", stacklevel=3)
+            return self
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError) as e:
+                raise OmniError(f"cannot install the {sig.name} handler ({e}): preemption would stop the run "
+                                "without a checkpoint") from e
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if signum == signal.SIGINT and self.announce:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort without one)",
+                  file=sys.stderr, flush=True)
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class TrainingStopped(Exception):
+    """A trainer stopped on a signal after saving ``checkpoint`` (the run is not finished: rerunning
+    the same command resumes it). The command line exits with :attr:`exit_code`."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        self.signal_name = signal.Signals(signum).name
+        self.checkpoint = checkpoint
+        super().__init__(f"{self.signal_name}: saved {checkpoint}; rerun the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 130 for Ctrl-C: the shell's code for an interrupted command, so `a && b` stops."""
+        return 130 if self.signal_name == "SIGINT" else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Data parallelism for the tokenizer trainers (torch.distributed; the identity in one process)
+# --------------------------------------------------------------------------------------------
+def dp_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_global_batch(batch_size: int, world: int, key: str = "batch_size") -> int:
+    """The rows per process of a global batch of ``batch_size`` over ``world`` data-parallel processes;
+    OmniError unless they divide evenly (every rank must compute the same share of the same batch)."""
+    if world >= 1 and batch_size % world == 0:
+        return batch_size // world
+    fits = [n for n in range(1, batch_size + 1) if batch_size % n == 0]
+    up = world * math.ceil(batch_size / world)
+    raise OmniError(f"{key}={batch_size} is the global batch, split evenly over the data-parallel processes, and "
+                    f"{world} processes do not divide it: set {key} to a multiple of {world} (e.g. {up}), or run "
+                    f"{', '.join(map(str, fits))} process{'es' if len(fits) > 1 else ''}")
+
+
+def all_reduce(t, op: str = "sum"):
+    """In place over all ranks: ``op`` 'sum', 'mean' or 'max'; returns ``t`` (untouched in one process)."""
+    import torch.distributed as dist
+
+    _, world = dp_rank_world()
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= world
+    return t
+
+
+def average_gradients(params) -> None:
+    """Replace each gradient by its mean over the ranks: one all-reduce of all of them, flattened.
+
+    Every rank must hold gradients for the same parameters (the same graph on every rank); those
+    without one are left out, as an optimizer leaves them."""
+    import torch
+
+    _, world = dp_rank_world()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")  # [sum of numels]
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    _, world = dp_rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_replicas(module, what: str) -> None:
+    """Raise (a bug, not a user error) unless every rank holds bit-identical weights and buffers in ``module``."""
+    import hashlib
+
+    import torch
+
+    if dp_rank_world()[1] == 1:
+        return
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_objects(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the data-parallel ranks hold different {what} weights (sha256 per rank: {digests})")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dp_rank_world()[1] > 1:
+        dist.barrier()

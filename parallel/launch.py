@@ -10,8 +10,8 @@ exception is caught once the workers are done: one line, exit 0 (130 for Ctrl-C,
 for an interrupted command).
 
 SIGUSR1 (Slurm's ``--signal=B:USR1@lead`` preemption warning) is added to the signals the agent
-forwards (torchrun's ``TORCHELASTIC_SIGNALS_TO_HANDLE``, unless set), so a job script can signal
-the launcher alone.
+forwards (torchrun's ``--signals-to-handle``, unless given), so a job script can signal the launcher
+alone: without it, SIGUSR1's default action kills the agent and leaves the workers running on.
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", SIGNALS)
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
+        # torchrun's launcher sets TORCHELASTIC_SIGNALS_TO_HANDLE from this argument (default without
+        # SIGUSR1), overriding the environment; older versions read the environment only
+        args.signals_to_handle = SIGNALS
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = SIGNALS
     try:
         run(args)
     except SignalException as e:

@@ -10,12 +10,31 @@ window, see the module docstring of :mod:`omni.tokenizers.audio`) are cut at ran
 from the clips; loss = L1(decoded log-mel, log-mel) + commitment loss; AdamW with warmup and
 cosine decay. Its evaluation (mel L1, codebook usage, envelope correlation, real-time factors)
 is :func:`omni.eval.tokenizers.evaluate_audio_tokenizer`.
+
+SIGTERM / SIGUSR1 / SIGINT (a Slurm time limit or preemption, Ctrl-C) finish the current step,
+save its checkpoint and stop without the final files (exit 0, 130 for Ctrl-C); rerunning resumes.
+
+Data parallel under torchrun (``python -m omni.parallel.launch --standalone --nproc-per-node N -m
+omni tokenizer train audio ...``; gloo: the trainer runs on CPUs): ``train.batch_size`` stays the
+global batch (it must divide by N). Every rank reads every clip, draws the same windows of each
+step from the same generator and computes its own contiguous rows; gradients are averaged with one
+all-reduce (:func:`omni.run.average_gradients`, as the image trainer does). Rank 0 writes
+(run.yaml, metrics, checkpoints, the tokenizer, train_summary.json); every rank resumes from the
+same checkpoint. The batch statistics are the global batch's, as in one process: the codebook's EMA
+counts and sums (vector-quantize-pytorch's ``sync_codebook``), the k-means init on the first batch
+(every rank runs it alike on the whole batch before the step's synced forward), the logged losses
+and codebook usage. Two processes therefore train the weights of one process to float rounding,
+except for dead-code restarts: they sample new codes from every rank's own vectors (the library's
+distributed sampling), so which vectors replace dead codes differs from one process; it is the same
+on every rank, and the ranks' identical weights are checked at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +49,13 @@ from omni.config.audio_tokenizer import AudioTokenizerRecipe
 from omni.errors import OmniError
 from omni.media import AUDIO_EXTS, BadSample, SkipReport, expand_sources, iter_media, read_audio
 from omni.tokenizers.audio import SAMPLE_RATE, WhisperVQAudioTokenizer
+from omni.tokenizers.image_train import (
+    codebooks_pending_init,
+    local_codebooks,
+    rank_rng_state,
+    set_rank_rng_state,
+    sync_codebooks,
+)
 
 SUMMARY_FILE = "train_summary.json"
 """Written last by a finished run: steps, seconds, data and the last training figures."""
@@ -106,8 +132,10 @@ class _Windows:
         self.weights = torch.tensor([m.shape[1] / self.length for m in self.mels], dtype=torch.float)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def batch(self, size: int) -> torch.Tensor:
-        """[size, n_mels, length]."""
+    def batch(self, size: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of a batch of ``size`` windows: [rows, n_mels, length] (all ``size`` by default).
+        The generator draws all ``size`` windows whatever ``rows``: every data-parallel rank draws the
+        same global batch and takes its own rows."""
         idx = torch.multinomial(self.weights, size, replacement=True, generator=self.gen)
         out = []
         for i in idx.tolist():
@@ -115,7 +143,7 @@ class _Windows:
             starts = (m.shape[1] - self.length) // self.align + 1
             s = int(torch.randint(starts, (1,), generator=self.gen)) * self.align
             out.append(m[:, s : s + self.length])
-        return torch.stack(out)
+        return torch.stack(out[rows])
 
 
 def _lr(step: int, cfg) -> float:
@@ -134,6 +162,11 @@ def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out:
     A run in ``out`` that is finished already (:func:`finished_step`) is left as it is: it says so and
     returns the tokenizer of ``out`` and its saved summary (with ``finished_already: True``) without
     reading data; ``resume=False`` trains it again from scratch, a larger ``train.steps`` continues it.
+    With ``out``, SIGTERM / SIGUSR1 / SIGINT finish the step, save a checkpoint and raise
+    :class:`omni.run.TrainingStopped`.
+
+    Under a torch.distributed process group (torchrun; the command line starts it), call it on every
+    rank: data parallel over the ranks, see the module docstring.
     """
     recipe = recipe or AudioTokenizerRecipe()
     threads = torch.get_num_threads()
@@ -144,12 +177,17 @@ def train_audio_tokenizer(data, recipe: AudioTokenizerRecipe | None = None, out:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _save(out: Path, tok: WhisperVQAudioTokenizer, recipe: AudioTokenizerRecipe, step: int, opt, windows) -> None:
+def _save(out: Path, tok: WhisperVQAudioTokenizer, recipe: AudioTokenizerRecipe, step: int, opt, windows) -> Path:
+    """Rank 0 writes ``OUT/step_XXXXXX``; every rank calls it (it gathers the ranks' RNG states)."""
     from omni.tokenizers.base import save_tokenizer
 
-    run.write_checkpoint(out, step, lambda d: save_tokenizer(tok, d), optimizers={"opt": opt.state_dict()},
-                     trainer_state={"windows_rng": windows.gen.get_state().tolist()}, config=recipe)
-    run.prune(out, 1)  # the newest intact checkpoint is all a resume needs
+    extra = rank_rng_state()
+    if run.dp_rank_world()[0] == 0:
+        run.write_checkpoint(out, step, lambda d: save_tokenizer(tok, d), optimizers={"opt": opt.state_dict()},
+                             trainer_state={"windows_rng": windows.gen.get_state().tolist(), **extra}, config=recipe)
+        run.prune(out, 1)  # the newest intact checkpoint is all a resume needs
+    run.barrier()
+    return run.step_dir(out, step)
 
 
 def finished_step(out: Path, ckpt: Path, steps: int) -> int | None:
@@ -183,6 +221,12 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     from omni.tokenizers.base import save_tokenizer
 
     tcfg = recipe.train
+    rank, world = run.dp_rank_world()
+    b = run.check_global_batch(tcfg.batch_size, world, "train.batch_size")
+    rows = slice(rank * b, (rank + 1) * b)  # this rank's rows of every global batch
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)  # rank 0 speaks and writes; the others train alongside
+    progress = progress and main
     found = run.find_resume(out, "auto" if resume else "none") if out is not None else None
     if found is not None:
         from omni.config import load_config, to_dict
@@ -193,24 +237,24 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
                             f"or pass another --out (or --no-resume to start over there)")
         done_at = finished_step(out, found, tcfg.steps)
         if done_at is not None:  # the decoder trainer's convention: a finished run is not redone
-            print(f"{out} is finished already (step {done_at} of train.steps={tcfg.steps}, summary in "
-                  f"{out / SUMMARY_FILE}): nothing to do; --no-resume trains it again from scratch, a larger "
-                  "train.steps= continues it")
+            say(f"{out} is finished already (step {done_at} of train.steps={tcfg.steps}, summary in "
+                f"{out / SUMMARY_FILE}): nothing to do; --no-resume trains it again from scratch, a larger "
+                "train.steps= continues it")
             summary = json.loads((out / SUMMARY_FILE).read_text())
             return WhisperVQAudioTokenizer.load(out), {**summary, "finished_already": True}
     torch.manual_seed(tcfg.seed)
-    clips, stats = load_clips(data, tcfg.max_clips)
+    clips, stats = load_clips(data, tcfg.max_clips)  # every rank reads every clip
     if progress:
         print(f"audio data: {describe(clips, stats)}")
     if found is not None:
         tok = WhisperVQAudioTokenizer.load(found)
     else:
-        if out is not None and run.discard_checkpoints(out):
-            print(f"starting over in {out}: its earlier checkpoints were discarded")
-        tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)
+        tok = WhisperVQAudioTokenizer.from_config(recipe.tokenizer)  # the same initial weights on every rank
     model = tok.model.train()
     if tok.config.freeze_encoder:
         model.encoder.requires_grad_(False)
+    if world > 1:
+        sync_codebooks(model, True)
     windows = _Windows(tok, clips, tcfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
@@ -220,11 +264,19 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
         opt.load_state_dict(optimizers["opt"])
         windows.gen.set_state(torch.tensor(state["windows_rng"], dtype=torch.uint8))
         run.set_rng_state(state["rng"], rng)  # the quantizer's k-means and code restarts draw from torch's RNG
+        set_rank_rng_state(state)
         start = int(state["step"])
-        print(f"resuming {out} at step {start}")
-    if out is not None:
+        say(f"resuming {out} at step {start}")
+    run.barrier()  # every rank has read OUT before rank 0 writes there
+    if out is not None and main:
+        if found is None and run.discard_checkpoints(out):
+            print(f"starting over in {out}: its earlier checkpoints were discarded")
         run.save_run_config(recipe, out)
-    metrics = run.MetricsLog(out, resume_step=start, tensorboard=tcfg.tensorboard) if out is not None else None
+    metrics = (run.MetricsLog(out, resume_step=start, tensorboard=tcfg.tensorboard, enabled=main)
+               if out is not None else None)
+    # Data parallel: the k-means init of the first batch runs alike on every rank on the whole global
+    # batch (as one process runs it), before the step's synced forward (see the module docstring).
+    init_on_whole_batch = world > 1 and codebooks_pending_init(model)
 
     bar = None
     if progress:
@@ -234,35 +286,56 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
     t0 = time.perf_counter()
     step = start - 1
     last: dict = {}
-    for step in range(start, tcfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, tcfg)
-        mel = windows.batch(tcfg.batch_size)  # [B, n_mels, 2*n_ctx]
-        recon, codes, commit = model(mel)
-        l1 = F.l1_loss(recon, mel)
-        loss = l1 + commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        opt.step()
-        elapsed = time.perf_counter() - t0
-        last = {"step": step + 1, "loss": loss.item(), "mel_l1": l1.item(), "commit": commit.item(),
-                "batch_usage": codes.unique().numel() / tok.codebook_size, "lr": opt.param_groups[0]["lr"],
-                "elapsed_s": round(elapsed, 2)}
-        stop = tcfg.time_limit_s and elapsed >= tcfg.time_limit_s
-        if metrics is not None and ((step + 1) % tcfg.log_every == 0 or step == 0 or step + 1 == tcfg.steps or stop):
-            metrics.write(last)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(l1=f"{last['mel_l1']:.3f}", usage=f"{last['batch_usage']:.2f}")
-        if out is not None and tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 != tcfg.steps:
-            _save(out, tok, recipe, step + 1, opt, windows)
-        if stop:
-            break
+    stopped = 0
+    with run.StopFlag(announce=main) if out is not None else contextlib.nullcontext() as stop:
+        for step in range(start, tcfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, tcfg)
+            if init_on_whole_batch:
+                mel_all = windows.batch(tcfg.batch_size)  # [B, n_mels, 2*n_ctx]
+                with torch.no_grad(), local_codebooks(model, init_only=True):
+                    model.quantize(model.latents(mel_all))
+                init_on_whole_batch = False
+                mel = mel_all[rows]
+            else:
+                mel = windows.batch(tcfg.batch_size, rows)  # [b, n_mels, 2*n_ctx]
+            recon, codes, commit = model(mel)
+            l1 = F.l1_loss(recon, mel)
+            loss = l1 + commit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.average_gradients(params)  # the global batch's gradient (identity in one process)
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            opt.step()
+            elapsed = time.perf_counter() - t0
+            loss_v, l1_v, commit_v, usage = _step_figures(loss, l1, commit, codes, tok.codebook_size, world)
+            last = {"step": step + 1, "loss": loss_v, "mel_l1": l1_v, "commit": commit_v, "batch_usage": usage,
+                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+            # every rank stops after the same step: on the first signal, or rank 0's clock reaching time_limit_s
+            flags = torch.tensor([float(getattr(stop, "signal", None) or 0),
+                                  float(bool(main and tcfg.time_limit_s and elapsed >= tcfg.time_limit_s))])
+            stopped, time_up = (int(v) for v in run.all_reduce(flags, "max").tolist())
+            if metrics is not None and ((step + 1) % tcfg.log_every == 0 or step == 0 or step + 1 == tcfg.steps
+                                        or time_up):
+                metrics.write(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(l1=f"{last['mel_l1']:.3f}", usage=f"{last['batch_usage']:.2f}")
+            if out is not None and tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 != tcfg.steps:
+                _save(out, tok, recipe, step + 1, opt, windows)
+            if time_up or stopped:
+                break
     if bar is not None:
         bar.close()
     model.eval()
+    run.check_replicas(model, "audio tokenizer")
+    if stopped:
+        saved = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 != tcfg.steps
+        ckpt = run.step_dir(out, step + 1) if saved else _save(out, tok, recipe, step + 1, opt, windows)
+        metrics.close()
+        say(f"{signal.Signals(stopped).name}: saved {ckpt}; rerun the same command to resume", flush=True)
+        raise run.TrainingStopped(stopped, ckpt)
     if not last and out is not None:  # resumed at its last step: the figures are those it logged then
         last = _last_logged(out)
     summary = {"steps": step + 1, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -271,9 +344,27 @@ def _train(data, recipe: AudioTokenizerRecipe, out: Path | None, progress: bool,
         if step + 1 > start:  # else the newest checkpoint is this state already
             _save(out, tok, recipe, step + 1, opt, windows)
         metrics.close()
-        save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
-        atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")  # last: the run is finished
+        if main:
+            save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
+            atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")  # last: the run is finished
+        run.barrier()  # the other ranks return once the run is finished on disk
     return tok, summary
+
+
+def _step_figures(loss: torch.Tensor, l1: torch.Tensor, commit: torch.Tensor, codes: torch.Tensor, n_codes: int,
+                  world: int) -> tuple[float, float, float, float]:
+    """(loss, mel L1, commitment loss, share of the codebook used) of the global batch.
+
+    One process: this batch's. Data parallel: the losses are means of equal shares, so their global
+    mean is the mean over the ranks (one all-reduce, with the codes each rank used)."""
+    if world == 1:
+        return loss.item(), l1.item(), commit.item(), codes.unique().numel() / n_codes
+    sums = torch.zeros(3 + n_codes, dtype=torch.float64)  # [loss, l1, commit, then per code: ranks using it]
+    sums[:3] = torch.tensor([loss.item(), l1.item(), commit.item()], dtype=torch.float64)
+    sums[3 + codes.flatten()] = 1
+    run.all_reduce(sums)
+    loss_v, l1_v, commit_v = (sums[:3] / world).tolist()
+    return loss_v, l1_v, commit_v, int((sums[3:] > 0).sum()) / n_codes
 
 
 __all__ = [

@@ -25,13 +25,34 @@ checkpoint ``step_XXXXXX/`` (the tokenizer, the discriminator, both optimizers, 
 killed run resumes from it), and once finished the tokenizer itself (``model.safetensors``,
 ``config.yaml``, ``tokenizer.json``) and ``eval.json``. Rerunning a finished run does nothing and
 says so (:func:`finished_step`); ``resume=False`` (``--no-resume``) trains it again from scratch.
+SIGTERM / SIGUSR1 / SIGINT (a Slurm time limit or preemption, Ctrl-C) finish the current step,
+save its checkpoint and stop without the final files (exit 0, 130 for Ctrl-C); rerunning resumes.
+
+Data parallel under torchrun (``python -m omni.parallel.launch --standalone --nproc-per-node N -m
+omni tokenizer train image ...``; gloo: the trainer runs on CPUs): ``batch_size`` stays the global
+batch (it must divide by N). Every rank reads the same images, draws the same global batch plan of
+each step and crops only its own contiguous rows; gradients are averaged with one all-reduce
+(:func:`omni.run.average_gradients`, not DDP: the discriminator runs three times per step and the
+FSQ entropy term outside the model's forward, which DDP's one-forward-one-backward hooks do not
+allow). Rank 0 writes (run.yaml, metrics, checkpoints, the tokenizer, eval.json) and evaluates;
+every rank resumes from the same checkpoint. What depends on the whole batch is computed over the
+global batch, as one process does: the VQ codebook's EMA counts and sums (vector-quantize-pytorch's
+``sync_codebook``), its k-means init (every rank runs it alike on the whole init batch), LFQ's
+batch entropy (a mean over the ranks; the library's own is broken, see :func:`_lfq_global_mean`), the FSQ entropy loss and the discriminator with its
+BatchNorm (both on the gathered global batch, so their cost is not split), and the logged loss,
+PSNR and codes used. Two processes therefore train the weights of one process to float rounding,
+except for one path: a dead-code restart samples its new codes from every rank's own vectors
+(the library's distributed sampling), so which vectors replace dead codes differs from one
+process; it is the same on every rank, and the ranks' identical weights are checked at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,7 +66,7 @@ from omni import run
 from omni.config.image_tokenizer import ImageTrainConfig
 from omni.errors import OmniError
 from omni.media import BadSample, SkipReport, expand_sources, iter_media, read_image
-from omni.tokenizers.image import VQImageTokenizer
+from omni.tokenizers.image import VQImageTokenizer, fsq_entropy_loss
 
 EVAL_FILE = "eval.json"
 DISC_FILE = "discriminator.safetensors"
@@ -91,12 +112,17 @@ def crop(a: np.ndarray, size: int, side: int, top: int, left: int, flip: bool) -
     return x.clamp(0, 1)
 
 
-def random_crop(a: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator,
-                hflip: bool) -> torch.Tensor:
-    h, w = a.shape[:2]
+def crop_params(h: int, w: int, size: int, scale: Sequence[float], rng: np.random.Generator,
+                hflip: bool) -> tuple[int, int, int, bool]:
+    """(side, top, left, flip) of a random crop of an [h,w] image: the draws of :func:`random_crop`."""
     side = min(h, w, max(1, round(size * rng.uniform(scale[0], scale[1]))))
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    return crop(a, size, side, top, left, bool(hflip and rng.random() < 0.5))
+    return side, top, left, bool(hflip and rng.random() < 0.5)
+
+
+def random_crop(a: np.ndarray, size: int, scale: Sequence[float], rng: np.random.Generator,
+                hflip: bool) -> torch.Tensor:
+    return crop(a, size, *crop_params(*a.shape[:2], size, scale, rng, hflip))
 
 
 class CropSampler:
@@ -130,18 +156,23 @@ class CropSampler:
                     return
             self.buffer[int(rng.integers(len(self.buffer)))] = a[1]
 
-    def batch(self, step: int) -> torch.Tensor:
-        """float [batch_size,3,S,S] in [0,1]; depends only on (seed, step) and the buffer."""
+    def batch(self, step: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of the global batch of ``step``: float [rows,3,S,S] in [0,1] (all batch_size rows
+        by default); depends only on (seed, step) and the buffer, so every data-parallel rank draws the
+        same batch and takes its own rows of it."""
         rng = np.random.default_rng([self.cfg.seed, step])
         if self.stream is not None:
             self._refresh(rng, max(1, self.cfg.batch_size // 4))
-        return self.draw(self.cfg.batch_size, rng)
+        return self.draw(self.cfg.batch_size, rng, rows)
 
-    def draw(self, n: int, rng: np.random.Generator) -> torch.Tensor:
-        """``n`` random crops of random buffer images: float [n,3,S,S] in [0,1]."""
+    def draw(self, n: int, rng: np.random.Generator, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` of ``n`` random crops of random buffer images: float [rows,3,S,S] in [0,1].
+        Every crop's position is drawn (the generator advances as for all ``n``); only ``rows`` are cut."""
         picks = rng.integers(len(self.buffer), size=n)
-        return torch.stack([random_crop(self.buffer[i], self.size, self.cfg.crop_scale, rng, self.cfg.hflip)
-                            for i in picks])
+        params = [crop_params(*self.buffer[i].shape[:2], self.size, self.cfg.crop_scale, rng, self.cfg.hflip)
+                  for i in picks]
+        keep = range(n)[rows]
+        return torch.stack([crop(self.buffer[picks[k]], self.size, *params[k]) for k in keep])
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,7 +278,7 @@ class PatchDiscriminator(nn.Module):
 # Checkpoints
 # ------------------------------------------------------------------------------------------
 def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, step: int,
-                    opt: torch.optim.Optimizer, disc: nn.Module | None, dopt) -> Path:
+                    opt: torch.optim.Optimizer, disc: nn.Module | None, dopt, trainer_state: dict | None = None) -> Path:
     """``OUT/step_XXXXXX`` in the run convention (omni.run): the tokenizer as it is (a folder
     ``load_tokenizer`` reads), the discriminator, both optimizers, the RNG states and run.yaml."""
     from safetensors.torch import save
@@ -262,9 +293,120 @@ def save_checkpoint(out: Path, tok: VQImageTokenizer, cfg: ImageTrainConfig, ste
                                                     for k, v in disc.state_dict().items()}))
 
     optimizers = {"opt": opt.state_dict(), **({"dopt": dopt.state_dict()} if dopt is not None else {})}
-    path = run.write_checkpoint(out, step, fill, optimizers=optimizers, config=cfg)
+    path = run.write_checkpoint(out, step, fill, optimizers=optimizers, trainer_state=trainer_state, config=cfg)
     run.prune(out, 1)  # the newest intact checkpoint is all a resume needs; the final tokenizer is OUT itself
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# Data parallelism (the audio trainer's too)
+# ------------------------------------------------------------------------------------------
+def _codebooks(module: nn.Module) -> list[nn.Module]:
+    from vector_quantize_pytorch.vector_quantize_pytorch import Codebook
+
+    return [m for m in module.modules() if isinstance(m, Codebook)]
+
+
+def sync_codebooks(module: nn.Module, enabled: bool) -> None:
+    """Switch vector-quantize-pytorch's cross-rank codebook statistics on or off in every codebook of ``module``
+    (and, once on, give LFQ a working distributed batch mean, :func:`_lfq_global_mean`).
+
+    On (the library's ``sync_codebook`` mode): the EMA's per-code counts and vector sums are
+    all-reduced, so every rank makes the update one process makes from the global batch, and
+    dead-code restarts sample their replacements from all ranks' vectors (the same on every rank).
+    The library fixes the mode when a quantizer is built (``sync_codebook=None`` asks, once per
+    process and cached, whether a process group exists); set here, it follows the trainer's group
+    whatever the order, and :func:`local_codebooks` can lift it for one pass.
+    """
+    import torch.distributed as dist
+    from vector_quantize_pytorch import vector_quantize_pytorch as vqp
+
+    if enabled:  # LFQ's batch entropy: its own distributed mean is broken (see _lfq_global_mean)
+        from vector_quantize_pytorch import lookup_free_quantization
+
+        lookup_free_quantization.maybe_distributed_mean = _lfq_global_mean
+    for c in _codebooks(module):
+        c.use_ddp = enabled
+        c.all_reduce_fn = c.kmeans_all_reduce_fn = dist.all_reduce if enabled else vqp.noop
+        c.sample_fn = c.replace_sample_fn = vqp.sample_vectors_distributed if enabled else vqp.batched_sample_vectors
+
+
+def codebooks_pending_init(module: nn.Module) -> bool:
+    """Whether a codebook of ``module`` still waits for its k-means init (on its next training pass)."""
+    return any(not bool(c.initted) for c in _codebooks(module))
+
+
+@contextlib.contextmanager
+def local_codebooks(module: nn.Module, init_only: bool = False):
+    """Within: every codebook of ``module`` learns from this rank's vectors alone, so ranks that all pass
+    the same whole batch end as one process does (k-means init included: its random picks come from
+    torch's generator, the same on every rank). ``init_only`` also holds back the EMA update and
+    dead-code restarts, so the pass runs a pending k-means init and nothing else. Synced again after."""
+    cbs = _codebooks(module)
+    saved = [(c.ema_update, c.has_dead_code_replacement) for c in cbs]
+    sync_codebooks(module, False)
+    if init_only:
+        for c in cbs:
+            c.ema_update = c.has_dead_code_replacement = False
+    try:
+        yield
+    finally:
+        for c, (ema, restarts) in zip(cbs, saved):
+            c.ema_update, c.has_dead_code_replacement = ema, restarts
+        sync_codebooks(module, True)
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows [b,...] -> the global batch [world*b,...] in rank order, on every rank; ``t``
+    itself in one process.
+
+    For a loss that every rank computes alike on the global batch: the other ranks' rows arrive
+    detached, and this rank's rows carry ``world`` times their gradient (straight through: the
+    value is unchanged), so :func:`omni.run.average_gradients` then gives one process's gradient,
+    (1/world) * sum over ranks of world * d loss / d own rows. (torch.distributed.nn's differentiable
+    all_gather would do the same through its backward pass, but it is deprecated.)"""
+    import torch.distributed as dist
+
+    rank, world = run.dp_rank_world()
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[rank] = t + (world - 1) * (t - t.detach())  # == t, with world x its gradient
+    return torch.cat(parts)
+
+
+def _lfq_global_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the ranks, for LFQ's batch code distribution; the gradient reaches this
+    rank's ``t`` whole (straight through), so averaged gradients are one process's.
+
+    Replaces vector-quantize-pytorch's ``lookup_free_quantization.maybe_distributed_mean`` (1.32):
+    it drops the result of torch.distributed.nn's all_reduce (out of place in today's torch) and
+    returns this rank's mean divided by the world size, which would skew the batch entropy."""
+    import torch.distributed as dist
+
+    world = run.dp_rank_world()[1]
+    if world == 1:
+        return t
+    total = t.detach().clone()
+    dist.all_reduce(total)
+    return total / world + (t - t.detach())
+
+
+def rank_rng_state() -> dict:
+    """``{'torch_rng_by_rank': [...]}`` for a checkpoint's trainer state: every rank's torch generator,
+    which part ways after a dead-code restart (each rank samples its own vectors); ``{}`` in one
+    process, whose checkpoints stay as they were. A collective: every rank calls it."""
+    _, world = run.dp_rank_world()
+    return {} if world == 1 else {"torch_rng_by_rank": run.gather_objects(torch.get_rng_state().tolist())}
+
+
+def set_rank_rng_state(state: dict) -> None:
+    """Give this rank its own torch generator of a checkpoint saved by as many ranks (else leave rank 0's)."""
+    rank, world = run.dp_rank_world()
+    states = state.get("torch_rng_by_rank") or []
+    if world > 1 and len(states) == world:
+        torch.set_rng_state(torch.tensor(states[rank], dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,6 +484,10 @@ def train_image_tokenizer(data, out: str | os.PathLike, cfg: ImageTrainConfig,
     A run in ``out`` that is finished already (:func:`finished_step`) is left as it is: it says so
     and returns the tokenizer of ``out`` without reading data or evaluating again; ``resume=False``
     trains it again from scratch, a larger ``cfg.steps`` continues it.
+
+    Under a torch.distributed process group (torchrun; the command line starts it), call it on every
+    rank: data parallel over the ranks, see the module docstring. SIGTERM / SIGUSR1 / SIGINT finish
+    the step, save a checkpoint and raise :class:`omni.run.TrainingStopped` (on every rank).
     """
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -359,6 +505,13 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
 
     from omni.config import load_config, to_dict
 
+    rank, world = run.dp_rank_world()
+    b = run.check_global_batch(cfg.batch_size, world)
+    rows = slice(rank * b, (rank + 1) * b)  # this rank's rows of every global batch
+    main = rank == 0
+    if not main:  # rank 0 speaks and writes; the others train alongside
+        log, progress = (lambda s: None), False
+
     out.mkdir(parents=True, exist_ok=True)
     found = run.find_resume(out, "auto" if resume else "none")
     resuming = found is not None
@@ -375,15 +528,14 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
                 "--no-resume trains it again from scratch, a larger steps= continues it")
             return VQImageTokenizer.load(out).eval()
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tok = VQImageTokenizer(cfg.model)
     start = 0
     if resuming:
         tok = VQImageTokenizer.load(found)
-    elif run.discard_checkpoints(out):
-        log(f"starting over in {out}: its earlier checkpoints were discarded")
     tok.train()
-    run.save_run_config(cfg, out)
+    if world > 1:
+        sync_codebooks(tok, True)
 
     disc = dopt = perceptual = None
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -401,41 +553,70 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
         start = int(state["step"])
         log(f"resuming {out} at step {start}" + ("" if start < cfg.steps else
             f": its training is done (steps={cfg.steps}); writing its final files"))
+    run.barrier()  # every rank has read OUT before rank 0 writes there
+    if main:
+        if not resuming and run.discard_checkpoints(out):
+            log(f"starting over in {out}: its earlier checkpoints were discarded")
+        run.save_run_config(cfg, out)
 
     report = SkipReport()
     to_train = start < cfg.steps
     sampler = None
     if to_train:  # a run killed after its last checkpoint needs no training data to finish
-        sampler = CropSampler(data, cfg, report)
+        sampler = CropSampler(data, cfg, report)  # every rank reads the same images into its buffer
         log(f"train data: {report}{' (buffer full; more streams in)' if sampler.stream is not None else ''}")
     log(f"model: {tok}")
 
-    metrics = run.MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
+    metrics = run.MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard, enabled=main)
     write_log = metrics.write
-    if to_train:
-        write_log({"event": "data", "train": report.to_json()})
-
-    if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
-        # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code
-        n_init = max(cfg.batch_size, math.ceil(4 * tok.codebook_size / tok.tokens_per_image))
-        x0 = sampler.draw(n_init, np.random.default_rng([cfg.seed, 2**31]))
-        with torch.no_grad():
-            tok.quantize_latent(tok.encoder(tok._to_model(x0)))
-
-    if resuming:  # continue the random streams of the run (the quantizer's code restarts draw from torch's)
-        run.set_rng_state(state["rng"], rng)
-    recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
-    t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not (progress and to_train),
-               desc="image tokenizer", unit="step")
-    fsq_entropy = (cfg.fsq_entropy_weight, cfg.fsq_entropy_temperature) if cfg.fsq_entropy_weight > 0 else None
+    # from here on a signal stops the run after its next step (a watcher may signal once it sees the data row)
+    stop = run.StopFlag(announce=main).__enter__()
+    hook = None
     try:
+        if to_train:
+            write_log({"event": "data", "train": report.to_json()})
+
+        if not resuming and cfg.model.quantizer == "vq" and cfg.model.kmeans_init:
+            # k-means needs more vectors than codes: initialize on a batch of about 4 vectors per code
+            n_init = max(cfg.batch_size, math.ceil(4 * tok.codebook_size / tok.tokens_per_image))
+            x0 = sampler.draw(n_init, np.random.default_rng([cfg.seed, 2**31]))  # all of it, on every rank
+            with torch.no_grad(), (local_codebooks(tok) if world > 1 else contextlib.nullcontext()):
+                tok.quantize_latent(tok.encoder(tok._to_model(x0)))
+
+        if resuming:  # continue the random streams of the run (the quantizer's code restarts draw from torch's)
+            run.set_rng_state(state["rng"], rng)
+            set_rank_rng_state(state)
+        recon_fn = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
+        t_start = time.time()
+        bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), disable=not (progress and to_train),
+                   desc="image tokenizer", unit="step")
+        fsq_entropy = (cfg.fsq_entropy_weight, cfg.fsq_entropy_temperature) if cfg.fsq_entropy_weight > 0 else None
+        seen: dict[str, torch.Tensor] = {}
+        if world > 1 and fsq_entropy is not None:
+            # Its batch entropy is of the global batch: taken here from the quantizer's input of every rank,
+            # not by the model from this rank's rows (see the module docstring).
+            hook = tok.quantize.register_forward_pre_hook(lambda module, args: seen.update(z=args[0]))
+        saved_at = start
+
+        def save(step: int) -> Path:
+            nonlocal saved_at
+            extra = rank_rng_state()  # a collective
+            if main:
+                save_checkpoint(out, tok, cfg, step, opt, disc, dopt, trainer_state=extra or None)
+            run.barrier()
+            saved_at = step
+            return run.step_dir(out, step)
+
+        stopped = 0
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = _lr(step, cfg)
-            x = sampler.batch(step)
+            x = sampler.batch(step, rows)  # [b,3,S,S]
             target = x * 2 - 1
-            recon, codes, qloss = tok(x, fsq_entropy)
+            recon, codes, qloss = tok(x, fsq_entropy if hook is None else None)
+            if hook is not None:
+                z = gather_rows(seen.pop("z"))  # [B,N,D]: the quantizer input of the global batch
+                qloss = qloss + fsq_entropy[0] * fsq_entropy_loss(tok.quantize, z, fsq_entropy[1])
             rec = recon_fn(recon, target)
             loss = rec + cfg.quantizer_loss_weight * qloss
             terms = {"rec": rec.item(), "quant": qloss.item()}
@@ -445,18 +626,22 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
                 terms["perceptual"] = p.item()
             gan_on = disc is not None and step >= cfg.disc_start
             if gan_on:
-                g_loss = -disc(recon).mean()
+                # the discriminator sees the global batch on every rank: its BatchNorm statistics are one
+                # process's, and so are its weights (no gradient averaging needed: every rank computes alike)
+                recon_all = gather_rows(recon)  # [B,3,S,S]
+                g_loss = -disc(recon_all).mean()
                 loss = loss + cfg.disc_weight * g_loss
                 terms["gen"] = g_loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            run.average_gradients(tok.parameters())  # the global batch's gradient (identity in one process)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
             opt.step()
             if gan_on:  # hinge loss (VQGAN)
                 for g in dopt.param_groups:
                     g["lr"] = _lr(step, cfg)
-                d_loss = F.relu(1 - disc(target)).mean() + F.relu(1 + disc(recon.detach())).mean()
+                d_loss = F.relu(1 - disc(gather_rows(target))).mean() + F.relu(1 + disc(recon_all.detach())).mean()
                 dopt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 dopt.step()
@@ -465,43 +650,79 @@ def _train(data, out: Path, cfg: ImageTrainConfig, evaluator, resume: bool, prog
             if done % cfg.log_every == 0 or done == cfg.steps:
                 with torch.no_grad():
                     # the batch's mean per-image PSNR, for the log (omni.eval.metrics.psnr's figure)
-                    mse = (((recon + 1) / 2).clamp(0, 1) - x).pow(2).flatten(1).mean(1)
-                    train_psnr = float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0).mean())
-                rec_log = {"step": done, "loss": loss.item(), **terms, "psnr": train_psnr,
-                           "batch_codes_used": int(codes.unique().numel()), "lr": opt.param_groups[0]["lr"],
+                    mse = (((recon + 1) / 2).clamp(0, 1) - x).pow(2).flatten(1).mean(1)  # [b]
+                    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0)  # [b]
+                loss_value, train_psnr, used = _batch_figures(loss, terms, psnr, codes, tok.codebook_size, world)
+                rec_log = {"step": done, "loss": loss_value, **terms, "psnr": train_psnr,
+                           "batch_codes_used": used, "lr": opt.param_groups[0]["lr"],
                            "elapsed_s": round(time.time() - t_start, 2)}
                 write_log(rec_log)
-                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{train_psnr:.2f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{train_psnr:.2f}")
             if evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                m = _eval(evaluator, tok, progress, f"eval at step {done}")
-                write_log({"step": done, "event": "eval", **m})
-                bar.write(f"step {done}: eval psnr {m['psnr']:.2f} dB (baseline "
-                          f"{m['psnr_mean_color_baseline']:.2f}), usage {m['codebook_usage']:.1%}")
+                if main:
+                    m = _eval(evaluator, tok, progress, f"eval at step {done}")
+                    write_log({"step": done, "event": "eval", **m})
+                    bar.write(f"step {done}: eval psnr {m['psnr']:.2f} dB (baseline "
+                              f"{m['psnr_mean_color_baseline']:.2f}), usage {m['codebook_usage']:.1%}")
+                run.barrier()
             if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-                save_checkpoint(out, tok, cfg, done, opt, disc, dopt)
+                save(done)
             bar.update(1)
+            # every rank stops after the same step: the first signal on any of them
+            stopped = int(run.all_reduce(torch.tensor([float(stop.signal or 0)]), "max").item())
+            if stopped:
+                break
         bar.close()
+        run.check_replicas(tok, "image tokenizer")
+        if stopped:
+            ckpt = save(done) if saved_at != done else run.step_dir(out, done)
+            log(f"{signal.Signals(stopped).name}: saved {ckpt}; rerun the same command to resume")
+            raise run.TrainingStopped(stopped, ckpt)
         final_step = max(cfg.steps, start)
         if to_train:  # else the newest checkpoint is this state already
-            save_checkpoint(out, tok, cfg, final_step, opt, disc, dopt)
+            save(final_step)
         m = None
-        if evaluator is not None:
+        if evaluator is not None and main:
             log(f"final eval at step {final_step} ...")
             m = _eval(evaluator, tok, progress, "final eval")
             m.update(step=final_step, train_seconds=round(time.time() - t_start, 1))
             write_log({"event": "final_eval", **m})
     finally:
+        stop.__exit__()
         metrics.close()
+        if hook is not None:
+            hook.remove()
     from omni.io import atomic_write_text
     from omni.tokenizers.base import save_tokenizer
 
-    save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
-    if to_train:
-        log(f"train data: {report}")
-    if m is not None:
-        atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")  # last: it marks the run finished
-        log(f"eval ({m.get('eval_on', 'eval data')}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color "
-            f"baseline {m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
-            f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
-    log(f"wrote {out}: the image tokenizer at step {final_step}{' and ' + EVAL_FILE if m is not None else ''}")
+    if main:
+        save_tokenizer(tok, out)  # OUT itself is the finished tokenizer folder
+        if to_train:
+            log(f"train data: {report}")
+        if m is not None:
+            atomic_write_text(out / EVAL_FILE, json.dumps(m, indent=1) + "\n")  # last: it marks the run finished
+            log(f"eval ({m.get('eval_on', 'eval data')}): psnr {m.get('psnr', float('nan')):.2f} dB vs mean-color "
+                f"baseline {m['psnr_mean_color_baseline']:.2f} dB, ssim {m.get('ssim', float('nan')):.3f}, "
+                f"codebook usage {m['codebook_usage']:.1%}, perplexity {m['code_perplexity']:.1f}")
+        log(f"wrote {out}: the image tokenizer at step {final_step}{' and ' + EVAL_FILE if m is not None else ''}")
+    run.barrier()  # the other ranks return once the run is finished on disk
     return tok.eval()
+
+
+def _batch_figures(loss: torch.Tensor, terms: dict, psnr: torch.Tensor, codes: torch.Tensor, n_codes: int,
+                   world: int) -> tuple[float, float, int]:
+    """(loss, mean per-image PSNR, distinct codes) of the global batch; ``terms`` become global means in place.
+
+    One process: this batch's figures. Data parallel: the losses are means of equal shares, so their
+    global mean is the mean over the ranks; PSNR sums over images; codes used on any rank count.
+    """
+    if world == 1:
+        return loss.item(), float(psnr.mean()), int(codes.unique().numel())
+    sums = torch.tensor([loss.item(), *terms.values(), float(psnr.sum()), psnr.numel()], dtype=torch.float64)
+    run.all_reduce(sums)
+    for k, v in zip(list(terms), sums[1:-2].tolist()):
+        terms[k] = v / world
+    used = torch.zeros(n_codes, dtype=torch.int32)
+    used[codes.flatten()] = 1  # [n_codes]: which codes this rank's rows use
+    run.all_reduce(used, "max")
+    return float(sums[0]) / world, float(sums[-2] / sums[-1]), int(used.sum())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,37 @@ SEGMENT_HELP = ("plain text, or @image:FILE / @audio:FILE for a media file (the 
 """The prompt-segment syntax, shared by `omni tokenizer encode` and `omni generate --prompt`."""
 
 MEDIA_PREFIXES = {"@image:": "image", "@audio:": "audio"}
+
+TORCHRUN_HELP = ("Data parallel under torchrun: `python -m omni.parallel.launch --standalone --nproc-per-node N -m omni "
+                 "tokenizer train {modality} ...` (gloo, on CPUs) trains the same global batch ({key}, a multiple "
+                 "of N) split over N processes; rank 0 writes --out. SIGTERM/SIGUSR1 (Slurm) and Ctrl-C finish "
+                 "the step and save a checkpoint; rerunning resumes.")
+"""The torchrun paragraph of `omni tokenizer train image|audio --help`."""
+
+
+@contextlib.contextmanager
+def data_parallel(batch_size: int, key: str):
+    """The process group of a tokenizer trainer under torchrun (``WORLD_SIZE`` > 1): started by
+    :func:`omni.parallel.dist.init_distributed` with gloo (the tokenizer trainers run on CPUs, so
+    NCCL has no tensors to reduce even on a GPU machine) and destroyed at the end; nothing in one
+    process. The global batch is checked against the world size first, so a batch that does not
+    split refuses to start on every rank alike (exit 2) before any rank waits for another."""
+    import torch.distributed as dist
+
+    from omni.config.train import ParallelConfig
+    from omni.parallel.dist import init_distributed
+    from omni.run import check_global_batch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_global_batch(batch_size, world, key)
+    started = world > 1 and not dist.is_initialized()
+    if started:
+        init_distributed(ParallelConfig(dist_backend="gloo"))
+    try:
+        yield
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

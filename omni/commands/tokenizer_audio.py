@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 DATA_HELP = ("folders of audio files, audio files, or WebDataset .tar shards; several after one flag, or the "
              "flag repeated")
@@ -11,6 +12,7 @@ DATA_HELP = ("folders of audio files, audio files, or WebDataset .tar shards; se
 
 def register_train(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
+    from omni.commands.tokenizer import TORCHRUN_HELP
     from omni.config import help_text
     from omni.config.audio_tokenizer import AudioTokenizerRecipe
 
@@ -21,7 +23,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "with a token-to-mel decoder and Griffin-Lim) on wav/flac/ogg files in folders or WebDataset "
         ".tar shards, and write a tokenizer folder that `omni tokenizer bundle --audio DIR` takes. "
         "Empty, silent, corrupt and unsupported files are skipped and counted. An existing run in --out "
-        "is resumed (a finished one is left as it is, saying so).",
+        "is resumed (a finished one is left as it is, saying so). "
+        + TORCHRUN_HELP.format(modality="audio", key="train.batch_size"),
         epilog=help_text(AudioTokenizerRecipe)
         + "\n(keys are relative to the recipe's tokenizer.audio section)\n\nexample:\n  omni tokenizer train audio --data speech/train --out tok/audio "
         "--config recipes/tokenizers/audio.yaml train.steps=500",
@@ -61,15 +64,21 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 def _train(args) -> int:
     from omni.cli import split_overrides
+    from omni.commands.tokenizer import data_parallel
     from omni.config import load_section
+    from omni.run import TrainingStopped
     from omni.tokenizers.audio_train import train_audio_tokenizer
 
     args.data, extra = split_overrides(args.data)  # nargs="+" swallows trailing key=value pairs
     recipe = load_section("tokenizer.audio", args.config, extra + list(args.overrides))
-    tok, summary = train_audio_tokenizer(args.data, recipe, out=args.out, progress=not args.quiet,
-                                         resume=not args.no_resume)
-    if summary.get("finished_already"):
-        return 0  # the trainer said so, and nothing was written
+    with data_parallel(recipe.train.batch_size, "train.batch_size"):
+        try:
+            tok, summary = train_audio_tokenizer(args.data, recipe, out=args.out, progress=not args.quiet,
+                                                 resume=not args.no_resume)
+        except TrainingStopped as e:
+            return e.exit_code  # the trainer said so, with the checkpoint to resume from
+    if summary.get("finished_already") or os.environ.get("RANK", "0") != "0":
+        return 0  # the trainer said so, and nothing was written (or rank 0 says what was)
     final = summary["final"]
     figures = (f" (train mel L1 {final['mel_l1']:.4f}, batch codebook usage {final['batch_usage']:.2f})"
                if final else "")

@@ -11,6 +11,7 @@ DATA_HELP = ("image folders (recursive), image files, WebDataset .tar shards, qu
 
 def register_train(sub: argparse._SubParsersAction) -> None:
     from omni.cli import Formatter
+    from omni.commands.tokenizer import TORCHRUN_HELP
     from omni.config import help_text
     from omni.config.image_tokenizer import ImageTrainConfig
 
@@ -20,7 +21,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         description="Train a VQGAN-family image tokenizer (quantizer: vq, fsq, lfq or nearest) on random "
         "crops of images, evaluate it on held-out images, and write a tokenizer folder that "
         "`omni tokenizer bundle --image DIR` takes. An existing run in --out is resumed (a finished one is "
-        "left as it is, saying so). Unreadable files, corrupt or tiny images are skipped and counted.",
+        "left as it is, saying so). Unreadable files, corrupt or tiny images are skipped and counted. "
+        + TORCHRUN_HELP.format(modality="image", key="batch_size"),
         epilog=help_text(ImageTrainConfig),
         formatter_class=Formatter,
     )
@@ -93,12 +95,19 @@ def load_image_recipe(recipe: str | None, overrides: list[str]):
 
 
 def _train(args) -> int:
+    from omni.commands.tokenizer import data_parallel
     from omni.eval.tokenizers import ImageEvaluator
+    from omni.run import TrainingStopped
     from omni.tokenizers.image_train import train_image_tokenizer
 
     _split_data(args)
     cfg = load_image_recipe(args.config, list(args.overrides))
-    # the trainer says what it did: trained and wrote --out, or found the run there finished already
-    train_image_tokenizer(args.data, args.out, cfg, ImageEvaluator(args.eval_data, cfg, train_data=args.data),
-                          resume=not args.no_resume, progress=not args.quiet)
+    # the trainer says what it did: trained and wrote --out, found the run there finished already, or
+    # stopped on a signal with a checkpoint (every rank under torchrun)
+    with data_parallel(cfg.batch_size, "batch_size"):
+        try:
+            train_image_tokenizer(args.data, args.out, cfg, ImageEvaluator(args.eval_data, cfg, train_data=args.data),
+                                  resume=not args.no_resume, progress=not args.quiet)
+        except TrainingStopped as e:
+            return e.exit_code
     return 0

@@ -37,6 +37,7 @@ from omni.parallel.dist import (
 )
 from omni.run import (
     MetricsLog,
+    StopFlag,
     discard_checkpoints,
     find_resume,
     list_checkpoints,
@@ -49,47 +50,7 @@ from omni.run import (
 from omni.train.checkpointing import load_train_checkpoint, save_train_checkpoint
 from omni.vocab import MODALITY_NAMES
 
-
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checks it between steps. A second Ctrl-C (SIGINT)
-    aborts at once, without a checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, announce: bool = True) -> None:
-        self.signal: int | None = None
-        self.announce = announce
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-        import warnings
-
-        if threading.current_thread() is not threading.main_thread():
-            # Python lets only the main thread install handlers (e.g. train() called from a worker thread)
-            warnings.warn("train() runs outside the main thread, so SIGTERM/SIGUSR1/SIGINT cannot be caught: a "
-                          "preemption will stop the run without a checkpoint (the steps since the last "
-                          "save are lost)", stacklevel=3)
-            return self
-        for sig in self.SIGNALS:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except (ValueError, OSError) as e:
-                raise OmniError(f"cannot install the {sig.name} handler ({e}): preemption would stop the run "
-                                "without a checkpoint") from e
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        if signum == signal.SIGINT and self.announce:
-            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort without one)",
-                  file=sys.stderr, flush=True)
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+_StopFlag = StopFlag  # its former name here
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -447,7 +408,7 @@ class Trainer:
         last_saved = self.step if self.resumed_from is not None else -1
         stopped_by = None
         fpt = flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        with _StopFlag(announce=self.info.is_main) as stop:
+        with StopFlag(announce=self.info.is_main) as stop:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
                 row = self.train_step()

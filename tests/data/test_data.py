@@ -262,7 +262,7 @@ def test_bad_preprocess_inputs(tmp_path, bundle_dir, real_samples, text_tokenize
                            "--out", tmp_path / "tok", "--quiet", "pair_order=text_first")
     assert rc == 2 and "other config" in err
     # seq_len shorter than an image block
-    with pytest.raises(omni.OmniError, match="blocks are never split"):
+    with pytest.raises(omni.OmniError, match="they are never split"):
         from omni.data.packing import build_stream
 
         build_stream(DataConfig(paths=[str(tmp_path / "tok")], seq_len=8), omni.UnifiedTokenizer.load(bundle_dir))

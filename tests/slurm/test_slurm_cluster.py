@@ -4,6 +4,9 @@ script before its time limit (which then requeues itself, the preemption path a 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,8 +137,6 @@ def _local_torchrun(root, recipe, out):
 
 
 def _losses(run):
-    import json
-
     return [(row["step"], row["loss"]) for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
@@ -176,6 +177,10 @@ def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(cluster, tmp_
     log = (out / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", log[-4000:]
     assert "got SIGUSR1" in log and "requeueing job" in log and "the run is finished (step 40 of 40)" in log, log[-4000:]
+    # the trainers saved on the signal and the requeued job went on from there (not from step 0)
+    assert "SIGUSR1: saved" in log, log[-4000:]
+    (resumed_at,) = json.loads((out / "slurm.json").read_text())["requeues"]
+    assert 0 < resumed_at < 40 and f"from step {resumed_at} of 40" in log, log[-4000:]
     _local_torchrun(root, recipe, tmp_path / "local_run")
     final = out / "step_000040" / "model.safetensors"
     assert final.read_bytes() == (tmp_path / "local_run" / "step_000040" / "model.safetensors").read_bytes()
@@ -216,3 +221,36 @@ def test_preprocess_array_of_3_tasks_equals_one_process(cluster, tmp_path, real_
     assert f"wrote {out / 'manifest.json'}" in (out / "slurm" / f"manifest-{manifest_job}.out").read_text()
     r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(out))
     assert r.returncode == 0 and "shards done 5 of 5; manifest written" in r.stdout, r.stdout + r.stderr
+
+
+def test_image_tokenizer_on_two_nodes_requeued_by_scontrol_resumes_bit_identical(cluster, tmp_path):
+    """`omni launch slurm --tokenizer image --nodes 2`: the image tokenizer trains data-parallel, one
+    process per node; `scontrol requeue` mid-run (Slurm sends TERM to every task and puts the job back
+    in the queue): the trainers checkpoint, the job runs again, resumes from that checkpoint and
+    finishes, with weights byte-identical to an uninterrupted local 2-process run."""
+    from tiny_tokenizers import image_overrides
+
+    root, bin_dir = Path(__file__).resolve().parents[2], str(Path(sys.executable).parent)
+    args = [*image_overrides(), "steps=60", "model.quantizer=vq"]
+    out = tmp_path / "slurm_tok"
+    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", "--tokenizer", "image", "--data", "photos:heldout",
+                  "--out", str(out), "--nodes", "2", *args)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split("submitted job ")[1].split()[0]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    cluster.run("scontrol", "requeue", job)
+    info = cluster.wait_state(job, DONE, timeout=240)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", log[-4000:]
+    assert "SIGTERM: saved" in log and "resuming" in log and "at step 0" not in log, log[-4000:]
+    r = subprocess.run([sys.executable, "-m", "omni.parallel.launch", "--standalone", "--nproc-per-node", "2", "-m",
+                        "omni", "tokenizer", "train", "image", "--data", "photos:heldout", "--out",
+                        str(tmp_path / "local"), "--quiet", *args], cwd=root.parent, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    r = _omni_cli(cluster, root, bin_dir, "launch", "status", str(out))
+    assert r.returncode == 0 and "tokenizer image job" in r.stdout and "(finished)" in r.stdout, r.stdout + r.stderr

@@ -469,16 +469,18 @@ def test_wandb_offline_logs_the_metrics_rows(tmp_path, text_run):
 
 
 @pytest.mark.dist
-def test_launcher_stops_cleanly_when_torchrun_is_signalled(tmp_path, text_run):
-    """SIGTERM to the launcher (torchrun's agent) reaches both workers, which save and stop; the
-    launcher exits 0 without torchrun's SignalException traceback."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_launcher_stops_cleanly_when_torchrun_is_signalled(tmp_path, text_run, sig):
+    """SIGTERM (preemption) or SIGUSR1 (Slurm's time-limit warning) to the launcher (torchrun's agent)
+    reaches both workers, which save and stop; the launcher exits 0 without torchrun's SignalException
+    traceback."""
     from omni.run import verify
 
     recipe = _recipe(text_run, tmp_path / "run", steps=500, save_every=1000)
     rc, stdout, err = signal_after_first_step([sys.executable, "-m", "omni.parallel.launch", "--standalone",
                                                "--nproc_per_node", "2", "-m", "omni", "train", str(recipe), "--quiet"],
-                                              tmp_path / "run", signal.SIGTERM)
+                                              tmp_path / "run", sig)
     assert rc == 0, err[-3000:]
-    assert "Traceback" not in err and "SIGTERM forwarded to the workers" in err, err[-3000:]
+    assert "Traceback" not in err and f"{sig.name} forwarded to the workers" in err, err[-3000:]
     (ckpt,) = (tmp_path / "run").glob("step_*")
-    assert f"SIGTERM: saved {ckpt}" in stdout and verify(ckpt) is None
+    assert f"{sig.name}: saved {ckpt}" in stdout and verify(ckpt) is None
