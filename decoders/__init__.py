@@ -9,9 +9,13 @@ losses flow back into the decoder.
 
 What lives here: :mod:`omni.decoders.base`, the small :class:`~omni.decoders.base.TaskHead`
 interface and the ``HEADS`` registry (``register_head``, ``head_class``, ``registered_heads``);
-the detection and diffusion heads themselves come later, one module each, registered by kind.
+the routing itself (:mod:`omni.decoders.routing`: slots, super-link queries, the heads of a run);
+the detection head (:mod:`omni.decoders.detection`, DETR, registered as ``detr``) with its box ops
+(:mod:`omni.decoders.boxes`).
 
-May import: the core model types (``omni.config``, ``omni.errors``, ``omni.io``) and ``torch``;
-never ``omni.parallel``, ``omni.train`` or ``omni.data`` (those import the heads, not the other way
-round). ``import omni.decoders`` itself imports nothing heavy.
+May import: configs, the leaves (``omni.errors``, ``omni.io``, ``omni.registry``), the modality
+tokenizers and ``torch``; never the core (vocabulary, documents, the model, checkpoints) or anything
+above it: heads are components, like the modality tokenizers, which a checkpoint assembles and the
+trainer and generation call (tests/test_layers.py). ``import omni.decoders`` itself imports nothing
+heavy.
 """

@@ -51,81 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.config.heads import DetectionHeadConfig, check_grid, max_boxes
 from omni.decoders.base import TaskHead
 from omni.decoders.boxes import cxcywh_to_xyxy, generalized_box_iou
-from omni.errors import ConfigError, OmniError
+from omni.errors import OmniError
 
 OBJECT, NO_OBJECT = 0, 1
 """Indices of the two classes in the last dim of :attr:`DetectionOutput.logits`."""
-
-
-@dataclass
-class DetectionHeadConfig:
-    """Shape, loss weights and limits of :class:`DetectionHead` (defaults: DETR's weights, toy sizes)."""
-
-    dim: int = 64
-    """D: hidden size of the decoder whose states the head reads (query and context states)."""
-    width: int = 128
-    """d: the head's own width; a multiple of 4 (the 2-D sine positions use d/4 frequencies per axis
-    and sin/cos) and of ``n_heads``."""
-    n_objects: int = 16
-    """Q: object queries, the most boxes one (image, request) pair can get."""
-    n_layers: int = 2
-    """Transformer decoder layers; each predicts boxes (auxiliary losses)."""
-    n_heads: int = 4
-    """Attention heads of each decoder layer."""
-    ffn_dim: int = 512
-    """Hidden size of each decoder layer's feed-forward block."""
-    dropout: float = 0.0
-    """Dropout in the decoder layers (DETR: 0.1; 0 for the small data of the toy world)."""
-    grid: tuple[int, int] | None = None
-    """Default (h, w) of the image-token grid, used when :meth:`DetectionHead.forward` gets no
-    ``grid``; N context states must equal h*w. None: every call passes its grid."""
-    class_weight: float = 1.0
-    """Weight of the object/no-object cross-entropy, in the loss and in the matching cost."""
-    no_object_weight: float = 0.1
-    """Class weight of 'no object' in the cross-entropy (DETR's eos_coef): most queries are
-    unmatched, and at full weight they teach the head to predict nothing."""
-    l1_weight: float = 5.0
-    """Weight of the L1 distance of matched (cx, cy, w, h), in the loss and in the matching cost."""
-    giou_weight: float = 2.0
-    """Weight of 1 - GIoU of matched boxes, in the loss and in the matching cost."""
-    aux_loss: bool = True
-    """Add every decoder layer's loss (each matched on its own), not only the last layer's."""
-    max_objects: int | None = None
-    """Most target boxes one (image, request) pair may have; more is an error. None: n_objects.
-    At most n_objects, since every box needs a query of its own."""
-
-    def __post_init__(self):
-        for name in ("dim", "width", "n_objects", "n_layers", "n_heads", "ffn_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"detection head {name}={value!r} is invalid: expected a positive integer")
-        if self.width % 4 or self.width % self.n_heads:
-            raise ConfigError(f"detection head width={self.width} must be a multiple of 4 (2-D sine positions) "
-                              f"and of n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"detection head dropout={self.dropout} is invalid: expected 0 <= dropout < 1")
-        for name in ("class_weight", "no_object_weight", "l1_weight", "giou_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"detection head {name}={getattr(self, name)} is invalid: expected >= 0")
-        if self.grid is not None:
-            self.grid = _check_grid(self.grid, "detection head grid")
-        if self.max_objects is None:
-            self.max_objects = self.n_objects
-        elif not 1 <= self.max_objects <= self.n_objects:
-            raise ConfigError(f"detection head max_objects={self.max_objects} is invalid: expected 1.."
-                              f"{self.n_objects} (n_objects: each box needs its own object query)")
-
-
-def _check_grid(grid, what: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in grid)
-    except (TypeError, ValueError):
-        raise OmniError(f"{what}={grid!r} is invalid: expected (h, w), two positive integers") from None
-    if h < 1 or w < 1:
-        raise OmniError(f"{what}={grid!r} is invalid: expected (h, w), two positive integers")
-    return h, w
 
 
 @dataclass
@@ -229,14 +161,17 @@ class DetectionHead(TaskHead):
     kind = "detr"
     routing_token = "<det>"
 
-    def __init__(self, cfg: DetectionHeadConfig | None = None, **overrides):
+    def __init__(self, dim: int, cfg: DetectionHeadConfig | None = None, **overrides):
+        """``dim``: D, the hidden size of the decoder whose states the head reads."""
         super().__init__()
         if cfg is None:
             cfg = DetectionHeadConfig(**overrides)
         elif overrides:
             raise OmniError(f"DetectionHead takes a config or keyword overrides, not both (got {sorted(overrides)})")
-        self.cfg = cfg
-        D, d = cfg.dim, cfg.width
+        if not isinstance(dim, int) or dim < 1:
+            raise OmniError(f"DetectionHead dim={dim!r}: expected the decoder's hidden size, a positive integer")
+        self.cfg, self.dim = cfg, dim
+        D, d = dim, cfg.width
         # Decoder hidden states grow in scale with depth (pre-norm residual stream): normalize first.
         self.context_norm, self.context_proj = nn.LayerNorm(D), nn.Linear(D, d)
         self.query_norm, self.query_proj = nn.LayerNorm(D), nn.Linear(D, d)
@@ -260,8 +195,8 @@ class DetectionHead(TaskHead):
         context_mask bool [B, N] (True = real) or None, grid (h, w) (default: the config's) -> DetectionOutput."""
         cfg = self.cfg
         h, w = self._grid(grid, context_states)
-        if query_states.ndim != 3 or query_states.shape[-1] != cfg.dim:
-            raise OmniError(f"query_states must be [B, K, D={cfg.dim}], got {tuple(query_states.shape)}")
+        if query_states.ndim != 3 or query_states.shape[-1] != self.dim:
+            raise OmniError(f"query_states must be [B, K, D={self.dim}], got {tuple(query_states.shape)}")
         B, K, _ = query_states.shape
         N = context_states.shape[1]
         if context_states.shape[0] != B:
@@ -288,14 +223,14 @@ class DetectionHead(TaskHead):
         return DetectionOutput(boxes=self.box_head(hs).sigmoid(), logits=self.class_head(hs))
 
     def _grid(self, grid, context_states: torch.Tensor) -> tuple[int, int]:
-        if context_states.ndim != 3 or context_states.shape[-1] != self.cfg.dim:
-            raise OmniError(f"context_states must be [B, N, D={self.cfg.dim}], got {tuple(context_states.shape)}")
+        if context_states.ndim != 3 or context_states.shape[-1] != self.dim:
+            raise OmniError(f"context_states must be [B, N, D={self.dim}], got {tuple(context_states.shape)}")
         if grid is None:
             grid = self.cfg.grid
             if grid is None:
                 raise OmniError("the detection head needs the image-token grid (h, w): pass grid= to forward "
                                 "or set it in DetectionHeadConfig.grid")
-        h, w = _check_grid(grid, "grid")
+        h, w = check_grid(grid, "grid")
         N = context_states.shape[1]
         if N != h * w:
             raise OmniError(f"context_states hold N={N} image tokens but grid {h}x{w} has {h * w}: "
@@ -315,9 +250,9 @@ class DetectionHead(TaskHead):
                 t = t.reshape(0, 4)
             if t.ndim != 2 or t.shape[1] != 4:
                 raise OmniError(f"targets[{i}] must be [n, 4] boxes (cx, cy, w, h), got shape {tuple(t.shape)}")
-            if t.shape[0] > self.cfg.max_objects:
+            if t.shape[0] > max_boxes(self.cfg):
                 raise OmniError(f"targets[{i}] holds {t.shape[0]} boxes, more than max_objects="
-                                f"{self.cfg.max_objects} (n_objects={self.cfg.n_objects})")
+                                f"{max_boxes(self.cfg)} (n_objects={self.cfg.n_objects})")
             if t.numel() and not (torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1):
                 raise OmniError(f"targets[{i}] has values outside [0, 1] (min {t.min().item():.4g}, max "
                                 f"{t.max().item():.4g}): boxes are (cx, cy, w, h) as fractions of the image side")

@@ -12,7 +12,7 @@ explicitly, so training and generation run the same code::
     LM target   ... <det>    (none)  (none) .. <eos>             the slots' own ids are never targets
 
 * ``SLOT`` (``<pad>``) is the id written at the K *slots*; its embedding is never used: the slots'
-  input rows are replaced by the query embeddings (:meth:`SuperLinkQueries.splice`). Reusing
+  input rows are replaced by the query embeddings (:meth:`SuperLinkQueries.splice`, called by the decoder's forward on its input embeddings). Reusing
   ``<pad>`` keeps every bundle's vocabulary as it is.
 * The LM loss never scores a prediction *of* a slot: the targets at the routing token and the
   first K-1 slots are ignored (:meth:`SuperLinkQueries.ignore_slot_targets`); the last slot's
@@ -23,6 +23,9 @@ explicitly, so training and generation run the same code::
   cache holds the query positions and the next tokens attend to them.
 * A head that reads an image (detection) reads the codes of the nearest image block before its
   routing token in the same document (:func:`image_context`).
+* :class:`RoutingHeads` holds the heads a run enables (``heads.*``) and their queries: the trainer
+  adds its losses to the LM loss, a checkpoint saves it beside the decoder (``heads.safetensors`` +
+  ``heads.yaml``, :func:`save_heads` / :func:`load_heads`), generation runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from torch import nn
 from omni.errors import OmniError
 
 SLOT = "<pad>"
-"""The special whose id fills the K slot positions after a routing token."""
+"""The special whose id fills the K slot positions after a routing token (omni.vocab.SLOT: this layer
+may not import the vocabulary; a test checks they agree)."""
 IGNORE_INDEX = -100  # omni.model.IGNORE_INDEX (decoders may not import the model; a test checks they agree)
 
 
@@ -79,24 +83,12 @@ class SuperLinkQueries(nn.Module):
             {_key(name): nn.Parameter(torch.randn(k, dim) * init_std) for name, k in n_queries.items()})
 
     def find(self, ids: torch.Tensor) -> list[Route]:
-        """The routing tokens in ``ids`` [B, T], by row then position; each must be followed by its K
-        slots inside the row (a row that cuts them off, or data written with another K, is refused)."""
-        routes = []
-        T = ids.shape[1]
-        for name, tid in self.token_ids.items():
-            k = self.n_queries[name]
-            for b, t in (ids == tid).nonzero().tolist():
-                if t + k > T - 1:  # the slots are t+1 .. t+k
-                    raise OmniError(f"{name} at position {t} of a {T}-token row has no room for its {k} slots: "
-                                    "a routed document must not be cut (the packer keeps it whole)")
-                got = ids[b, t + 1 : t + 1 + k]
-                if not bool((got == self.slot_id).all()):
-                    n = int((got == self.slot_id).long().cumprod(0).sum())
-                    raise OmniError(f"{name} at position {t} is followed by {n} slot(s) ({SLOT}), the head has "
-                                    f"n_queries={k}: the data was written for another K, or the routing token "
-                                    "appears as plain text")
-                routes.append(Route(b, t, name, k))
-        return sorted(routes, key=lambda r: (r.row, r.token))
+        """:func:`find_routes` with this module's routing tokens and K."""
+        return find_routes(ids, self.n_queries, self.token_ids, self.slot_id)
+
+    def splicer(self, routes: list[Route]):
+        """``splice`` bound to ``routes``: what :meth:`omni.model.OmniDecoder.forward` takes as ``splice``."""
+        return lambda embeds: self.splice(embeds, routes)
 
     def splice(self, embeds: torch.Tensor, routes: list[Route]) -> torch.Tensor:
         """``embeds`` [B, T, D] with each route's slot rows replaced by its query embeddings (a new
@@ -127,14 +119,32 @@ class SuperLinkQueries(nn.Module):
             labels[r.row, r.token : r.token + r.n_queries] = IGNORE_INDEX
         return labels
 
-    def step_inputs(self, name: str, embedding: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """What generation feeds in one step after sampling routing token ``name``: ids [1, 1+K]
-        (the token, then K slots) and their input embeddings [1, 1+K, D] (the token's own, then the
-        K queries)."""
+    def step_inputs(self, name: str, device=None) -> tuple[torch.Tensor, list[Route]]:
+        """What generation feeds in one step after sampling routing token ``name``: ids [1, 1+K] (the
+        token, then K slots) and its route (``splice`` gives the slots the K queries)."""
         k, tid = self.n_queries[name], self.token_ids[name]
-        ids = torch.tensor([[tid] + [self.slot_id] * k], device=embedding.weight.device)
-        route = Route(0, 0, name, k)
-        return ids, self.splice(embedding(ids), [route])
+        return torch.tensor([[tid] + [self.slot_id] * k], device=device), [Route(0, 0, name, k)]
+
+
+def find_routes(ids: torch.Tensor, n_queries: dict[str, int], token_ids: dict[str, int], slot_id: int) -> list[Route]:
+    """The routing tokens named in ``n_queries`` (name -> K) in ``ids`` [B, T], by row then position; each
+    must be followed by its K slots (``slot_id``) inside the row (a row that cuts them off, or data
+    written with another K, is refused)."""
+    routes = []
+    T = ids.shape[1]
+    for name, k in n_queries.items():
+        for b, t in (ids == token_ids[name]).nonzero().tolist():
+            if t + k > T - 1:  # the slots are t+1 .. t+k
+                raise OmniError(f"{name} at position {t} of a {T}-token row has no room for its {k} slots: "
+                                "a routed document must not be cut (the packer keeps it whole)")
+            got = ids[b, t + 1 : t + 1 + k]
+            if not bool((got == slot_id).all()):
+                n = int((got == slot_id).long().cumprod(0).sum())
+                raise OmniError(f"{name} at position {t} is followed by {n} slot(s) ({SLOT}), the head has "
+                                f"n_queries={k}: the data was written for another K, or the routing token "
+                                "appears as plain text")
+            routes.append(Route(b, t, name, k))
+    return sorted(routes, key=lambda r: (r.row, r.token))
 
 
 def _key(name: str) -> str:
@@ -160,4 +170,102 @@ def image_context(ids: torch.Tensor, route: Route, boi_id: int, eoi_id: int,
                     "image the request is about before the routing token")
 
 
-__all__ = ["IGNORE_INDEX", "SLOT", "Route", "SuperLinkQueries", "image_context"]
+HEADS_WEIGHTS = "heads.safetensors"
+HEADS_CONFIG = "heads.yaml"
+
+
+class RoutingHeads(nn.Module):
+    """The heads a run enables (:class:`omni.config.heads.HeadsConfig`) and their super-link queries.
+
+    ``dim``: the decoder's hidden size D; ``token_ids``: the vocabulary's specials by name (routing
+    tokens, ``SLOT``, ``<boi>``, ``<eoi>``); ``image_grid``: (h, w) of an image block's codes (what
+    the detection head reads).
+    """
+
+    def __init__(self, cfg, dim: int, token_ids: dict[str, int], image_grid: tuple[int, int] | None = None):
+        from omni.decoders.base import head_class
+
+        super().__init__()
+        if not cfg.enabled:
+            raise OmniError("no head is enabled (heads.det.enabled=true enables the detection head)")
+        self.cfg, self.dim, self.grid = cfg, dim, None if image_grid is None else tuple(image_grid)
+        self.boi, self.eoi = int(token_ids["<boi>"]), int(token_ids["<eoi>"])
+        self.queries = SuperLinkQueries(dim, cfg.enabled, token_ids)
+        self.heads = nn.ModuleDict()
+        if cfg.det.enabled:
+            if self.grid is None:
+                raise OmniError("the detection head reads image tokens: the tokenizer bundle has no image tokenizer")
+            self.heads["det"] = head_class("detr")(dim, cfg.det)
+
+    def find(self, ids: torch.Tensor) -> list[Route]:
+        return self.queries.find(ids)
+
+    def image_states(self, hidden: torch.Tensor, ids: torch.Tensor, routes: list[Route],
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states of the image each route reads: [R, N, D], N = h*w."""
+        n = self.grid[0] * self.grid[1]
+        out = []
+        for r in routes:
+            span = image_context(ids, r, self.boi, self.eoi, doc_ids)
+            if span.stop - span.start != n:
+                raise OmniError(f"{r.name} at position {r.token} reads an image block of {span.stop - span.start} "
+                                f"codes; the image tokenizer's grid {self.grid[0]}x{self.grid[1]} has {n}")
+            out.append(hidden[r.row, span])
+        return torch.stack(out)
+
+    def losses(self, hidden: torch.Tensor, ids: torch.Tensor, routes: list[Route], det_boxes: list[torch.Tensor],
+               doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The heads' named loss terms for the ``routes`` of a batch (final hidden states [B, T, D]).
+
+        ``det_boxes``: the ground truth of each ``<det>`` route in order, float [n, 4] (x0, y0, x1, y1)
+        in [0, 1]. Terms are named by head (``det_ce``, ``det_l1``, ``det_giou``); {} without routes."""
+        from omni.decoders.boxes import xyxy_to_cxcywh
+
+        terms: dict[str, torch.Tensor] = {}
+        det = [r for r in routes if r.name == "<det>"]
+        if det and "det" in self.heads:
+            if len(det_boxes) != len(det):
+                raise OmniError(f"{len(det)} <det> routes but ground truth for {len(det_boxes)}")
+            out = self.heads["det"](self.queries.gather(hidden, det)["<det>"],
+                                    self.image_states(hidden, ids, det, doc_ids), grid=self.grid)
+            targets = [xyxy_to_cxcywh(b.to(hidden.device, torch.float32)) for b in det_boxes]
+            terms.update(self.heads["det"].loss(out, targets))
+        return terms
+
+
+def save_heads(heads: RoutingHeads, directory) -> None:
+    """``directory/heads.safetensors`` (weights) and ``directory/heads.yaml`` (their HeadsConfig)."""
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from omni.config import save_config
+    from omni.io import atomic_write_bytes
+
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    atomic_write_bytes(Path(directory) / HEADS_WEIGHTS, save(state, metadata={"format": "pt"}))
+    save_config(heads.cfg, Path(directory) / HEADS_CONFIG)
+
+
+def load_heads(directory, dim: int, token_ids: dict[str, int], image_grid=None) -> RoutingHeads | None:
+    """The heads saved in ``directory``, or None when it holds none."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from omni.config import load_config
+    from omni.config.heads import HeadsConfig
+
+    d = Path(directory)
+    if not (d / HEADS_CONFIG).is_file():
+        return None
+    heads = RoutingHeads(load_config(HeadsConfig, d / HEADS_CONFIG), dim, token_ids, image_grid)
+    missing, unexpected = heads.load_state_dict(load_file(str(d / HEADS_WEIGHTS)), strict=False)
+    if missing or unexpected:
+        raise OmniError(f"{d / HEADS_WEIGHTS} does not fit {d / HEADS_CONFIG}: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}")
+    return heads
+
+
+__all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "IGNORE_INDEX", "SLOT", "Route", "RoutingHeads", "SuperLinkQueries",
+           "find_routes", "image_context", "load_heads", "save_heads"]

@@ -44,8 +44,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def save_checkpoint(directory: str | os.PathLike, model: OmniDecoder, config: ModelConfig | None = None,
-                    tokenizer: UnifiedTokenizer | None = None, extra_meta: dict | None = None) -> Path:
-    """Write ``model`` (its config unless ``config`` is given) and ``tokenizer`` to ``directory``, atomically."""
+                    tokenizer: UnifiedTokenizer | None = None, extra_meta: dict | None = None, heads=None) -> Path:
+    """Write ``model`` (its config unless ``config`` is given) and ``tokenizer`` to ``directory``, atomically.
+
+    ``heads`` (an :class:`omni.decoders.routing.RoutingHeads`; by default ``model.heads`` when set, as
+    :func:`load` sets it): written beside the decoder, ``heads.safetensors`` and ``heads.yaml``."""
     from safetensors.torch import save
 
     from omni import run
@@ -59,8 +62,14 @@ def save_checkpoint(directory: str | os.PathLike, model: OmniDecoder, config: Mo
             f"model vocab_size {config.vocab_size} != tokenizer bundle vocab size {tokenizer.vocab.size}")
     final = Path(directory)
     with atomic_folder(final) as tmp:
+        heads = heads if heads is not None else getattr(model, "heads", None)
         # safetensors refuses shared storage; tied weights are one parameter here, saved once.
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not k.startswith("heads.")}  # a loaded model's heads: their own file
+        if heads is not None:
+            from omni.decoders.routing import save_heads
+
+            save_heads(heads, tmp)
         atomic_write_bytes(tmp / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
         save_config(config, tmp / CONFIG_FILE)
         tokenizer.save(tmp / TOKENIZER_DIR)
@@ -195,7 +204,9 @@ def _resolve_dtype(dtype, torch_dtype) -> str | None:
 def load(directory: str | os.PathLike, config: ModelConfig | None = None,
          tokenizer: UnifiedTokenizer | None = None, device=None, dtype=None, *, torch_dtype=None,
          verify: bool = True):
-    """Load a checkpoint -> ``(model, tokenizer)``; the model is in eval mode on ``device``.
+    """Load a checkpoint -> ``(model, tokenizer)``; the model is in eval mode on ``device``. A checkpoint
+    with task heads (``heads.yaml``) gets them as ``model.heads`` (an
+    :class:`omni.decoders.routing.RoutingHeads`, float32), which generation runs.
 
     ``directory``: a checkpoint folder, or a training run folder: then its newest intact
     ``step_XXXXXX/`` checkpoint (:func:`resolve_checkpoint`), named in one line on stderr.
@@ -260,4 +271,10 @@ def load(directory: str | os.PathLike, config: ModelConfig | None = None,
     model.init_buffers()  # the RoPE table, not in the file
     model.set_modality_table(tok.vocab.modality_table)
     model = model.to(dev, dtype=getattr(torch, dtype) if dtype else None)  # floating tensors only
+    from omni.decoders.routing import load_heads
+
+    grid = tok.vocab.image_grid or (tok.image.grid if tok.image is not None else None)
+    heads = load_heads(d, saved.dim, tok.vocab.specials, grid)
+    if heads is not None:  # float32 whatever ``dtype``: small, and their losses/boxes want the precision
+        model.heads = heads.to(dev).eval()
     return model.eval(), tok

@@ -377,7 +377,7 @@ class OmniDecoder(nn.Module):
         modality: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
-        embeds: torch.Tensor | None = None,
+        splice=None,
     ) -> DecoderOutput:
         """Logits for ``ids`` [B, T]; with ``labels`` also the loss.
 
@@ -390,9 +390,10 @@ class OmniDecoder(nn.Module):
         modality: [B, T] modality of each target (omni.vocab TEXT/SPECIAL/IMAGE/AUDIO); by default
             looked up in the modality table set by :meth:`set_modality_table`.
         cache: a :class:`KVCache`; the new tokens attend to everything in it and are appended.
-        embeds: [B, T, D] input embeddings to use instead of looking ``ids`` up (the routing heads'
-            super-link queries replace the rows of their slots, :mod:`omni.decoders.routing`); ``ids``
-            still give the shape and, without ``modality``, the loss's modality of each position.
+        splice: a function of the input embeddings [B, T, D] -> [B, T, D], applied before the first
+            block (the routing heads' super-link queries replace the rows of their slots,
+            :mod:`omni.decoders.routing`). Called inside this forward, so a wrapper's hooks (FSDP's
+            unsharding of the embedding) have run.
         """
         if ids.dim() != 2:
             raise OmniError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
@@ -401,9 +402,9 @@ class OmniDecoder(nn.Module):
         explicit_positions = position_ids is not None
         mask, positions = self._mask_and_positions(B, T, past, ids.device, doc_ids, position_ids, cache)
 
-        if embeds is not None and embeds.shape != (B, T, self.config.dim):
-            raise OmniError(f"embeds must be [B, T, dim] = {(B, T, self.config.dim)}, got {tuple(embeds.shape)}")
-        h = self.tok_embeddings(ids) if embeds is None else embeds  # [B, T, D]
+        h = self.tok_embeddings(ids)  # [B, T, D]
+        if splice is not None:
+            h = splice(h)
         if not explicit_positions and past + T <= self.rope_cos.shape[0] and not self.rope_cos.is_meta:
             # derived positions are < past + T: look them up in the table (meta: built on the meta
             # device and init_buffers not called yet)

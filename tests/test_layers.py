@@ -6,13 +6,13 @@ From the bottom up; a layer may import the layers below it, never the ones above
     omni.media
     omni.config                           dataclass configs; knows only errors and io
     omni.run                              the training-run convention (schedule, state, checkpoints)
-    omni.tokenizers                       modality tokenizers (text, image, audio)
+    omni.tokenizers, omni.decoders        components: modality tokenizers (text, image, audio) and
+                                          task heads behind routing tokens (<det>, <gen>)
     omni.document, omni.vocab,            core: document types, the unified vocabulary and
-    omni.bundle, omni.model,              tokenizer bundle, the decoder, checkpoints, the
-    omni.checkpoint, omni.chameleon       Chameleon import
+    omni.bundle, omni.model,              tokenizer bundle, the decoder, checkpoints (which hold
+    omni.checkpoint, omni.chameleon       the heads), the Chameleon import
     omni.data                             raw shards -> packed token datasets, the training stream
     omni.parallel                         process groups, distributed helpers
-    omni.decoders                         task heads behind routing tokens (<det>, <gen>)
     omni.train                            the training loop
     omni.generation                       sampling, Jacobi decoding, pages
     omni.eval                             evaluation
@@ -64,6 +64,14 @@ RULES = {
                       "omni.generation", "omni.train", "omni.eval"],
         "why": "modality tokenizers sit below the vocabulary, the unified tokenizer, document types, "
                "the data pipeline, the toy world, training, generation and eval",
+    },
+    "decoders": {
+        "sources": ["omni.decoders"],
+        "forbidden": ["omni.vocab", "omni.bundle", "omni.document", "omni.model", "omni.checkpoint",
+                      "omni.chameleon", "omni.data", "omni.parallel", "omni.toy", "omni.generation", "omni.train",
+                      "omni.eval"],
+        "why": "task heads are components, like the modality tokenizers: the core (a checkpoint) assembles "
+               "them, the trainer and generation call them; they know only configs, the leaves and tokenizers",
     },
     "model": {
         "sources": ["omni.model"],

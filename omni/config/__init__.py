@@ -22,6 +22,7 @@ from omni.config.base import (
 )
 from omni.config.data import DataConfig, PreprocessConfig
 from omni.config.generate import GenerateConfig, SamplingConfig
+from omni.config.heads import HeadsConfig
 from omni.config.launch import LaunchConfig
 from omni.config.model import ModelConfig
 from omni.config.tokenizer import TextTokenizerConfig, TokenizerConfig
@@ -46,6 +47,8 @@ class RunConfig:
     """The training loop."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Data parallelism of the plain-PyTorch backend."""
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    """Task heads behind routing tokens (VisionLLM v2), saved with the decoder's checkpoints."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Sampling and stopping of `omni generate`."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -61,6 +64,14 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}: "
                           f"the model has positions for {cfg.model.max_seq_len} tokens; lower data.seq_len or "
                           "raise model.max_seq_len")
+    if cfg.heads.enabled and cfg.parallel.backend == "megatron":
+        raise ConfigError("heads.* with parallel.backend=megatron: the task heads run with the plain-PyTorch backend "
+                          "only (on megatron they would sit on the last pipeline stage: planned); use "
+                          "parallel.backend=torch")
+    if cfg.heads.det.enabled and cfg.heads.det.n_queries != cfg.data.preprocess.det_queries:
+        raise ConfigError(f"heads.det.n_queries={cfg.heads.det.n_queries} but data.preprocess.det_queries="
+                          f"{cfg.data.preprocess.det_queries}: the data carries K slots after each <det>, one per "
+                          "super-link query; set both alike")
     if cfg.train.eval_every and not cfg.data.eval_paths:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out token datasets: set "
                           "data.eval_paths=[DIR,...] (or train.eval_every=0)")
@@ -110,6 +121,7 @@ def resolve_recipe(name_or_path: str):
 __all__ = [
     "DataConfig",
     "GenerateConfig",
+    "HeadsConfig",
     "LaunchConfig",
     "SamplingConfig",
     "LossWeights",

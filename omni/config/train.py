@@ -17,9 +17,12 @@ class LossWeights:
     """Weight of image-code targets."""
     audio: float = 1.0
     """Weight of audio-code targets."""
+    det: float = 1.0
+    """Weight of the detection head's loss (its weighted DETR terms; ``heads.det.enabled``), added to
+    the LM loss; it is a mean over the global batch's ``<det>`` routes."""
 
     def __post_init__(self) -> None:
-        for name in ("text", "image", "audio"):
+        for name in ("text", "image", "audio", "det"):
             v = getattr(self, name)
             check(v >= 0, name, v, ">= 0")
 

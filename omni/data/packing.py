@@ -103,10 +103,12 @@ class DocumentPacker:
     def __init__(self, dataset: TokenDataset, seq_len: int, seed: int, vocab, index: int = 0):
         if len(dataset) == 0:
             raise OmniError(f"token dataset {dataset.path} holds no documents")
-        if dataset.max_block > seq_len + 1:
+        # a routed span must end before the row's last token (a label only: the slots must be inputs)
+        limit = seq_len if dataset.manifest["totals"].get("routed") else seq_len + 1
+        if dataset.max_block > limit:
             raise OmniError(f"seq_len={seq_len} is too short for {dataset.path}: its longest image/audio "
-                            f"block has {dataset.max_block} tokens and blocks are never split; "
-                            f"use seq_len >= {dataset.max_block - 1}")
+                            f"block or routed span has {dataset.max_block} tokens and they are never split; "
+                            f"use seq_len >= {dataset.max_block - (limit - seq_len)}")
         self.ds, self.seq_len, self.seed, self.index = dataset, seq_len, seed, index
         self.vocab = vocab
         self.pad = vocab.special("<pad>")
@@ -143,8 +145,11 @@ class DocumentPacker:
             else:
                 ok = self.vocab.split_points(d_ids[self.offset:])[: room + 1]
                 take = int(np.flatnonzero(ok)[-1])  # the longest piece that keeps blocks whole
-                if take == 0:  # a block starts here and does not fit: close this sequence with padding
-                    break
+            for s, e in self.vocab.routed_spans(d_ids[self.offset:self.offset + take]):
+                if filled + e == n:  # its last token would be the row's last, a label only: cut before it
+                    take = s
+            if take == 0:  # a block or routed span starts here and does not fit: close this sequence with padding
+                break
             a, b = self.offset, self.offset + take
             ids[filled : filled + take] = d_ids[a:b]
             mask[filled : filled + take] = d_mask[a:b]
@@ -212,6 +217,26 @@ class BlendedSequences:
         out = {k: torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
                for k in ("input_ids", "labels", "loss_mask", "valid_mask", "doc_ids", "position_ids")}
         out["spans"] = [s.spans for s in seqs]
+        return out
+
+    def det_boxes(self, spans: list[list[tuple]], input_ids, routes) -> list[np.ndarray]:
+        """The ground truth of each ``<det>`` route of a batch (``routes``: rows and positions, in order;
+        ``spans`` / ``input_ids``: the batch's), float32 [n, 4] each: found through the document piece the
+        route lies in and its ordinal among that document's ``<det>`` tokens."""
+        out = []
+        for r in routes:
+            at = 0
+            for d, _epoch, doc, start, length in spans[r.row]:
+                if at <= r.token < at + length:
+                    ds = self.packers[d].ds
+                    ids, _ = ds.document(doc)
+                    local = start + r.token - at  # the route's index in its document
+                    ordinal = int((ids[:local] == int(input_ids[r.row, r.token])).sum())
+                    out.append(ds.det_boxes(doc)[ordinal])
+                    break
+                at += length
+            else:  # internal: every input position lies in a piece
+                raise AssertionError(f"route at row {r.row} position {r.token} lies in no piece of {spans[r.row]}")
         return out
 
     def state_dict(self) -> dict:

@@ -403,7 +403,9 @@ def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> b
         entries.append(json.loads(p.read_text()))
     remove_stale_temps(out / "shards")  # every shard is done: a temp file left by a killed run is garbage
     totals: dict = {"samples": 0, "documents": 0, "tokens": Counter(), "skipped": Counter(), "max_block": 0}
+    routed = Counter()
     for e in entries:
+        routed.update(e.get("routed", {}))
         totals["samples"] += e["samples"]
         totals["documents"] += e["documents"]
         totals["tokens"].update(e["tokens"])
@@ -411,6 +413,8 @@ def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> b
         totals["max_block"] = max(totals["max_block"], e["max_block"])
     totals["tokens"] = dict(totals["tokens"])
     totals["skipped"] = dict(sorted(totals["skipped"].items()))
+    if routed:
+        totals["routed"] = dict(sorted(routed.items()))
     manifest = {
         "format": FORMAT_VERSION,
         "tokenizer": tok.identity(),

@@ -31,7 +31,11 @@ triangle"), which no training image, caption, transcript or story shows.
 * ``story``: ``KEY.json`` + members, "draw a red circle, then a blue square." followed by one
   image per object, each alone on the canvas at its place in the scene;
 * ``spoken``: ``KEY.json`` + members, the spoken caption followed by the scene's image (speech to
-  image).
+  image);
+* ``detect``: ``KEY.json`` + ``KEY.0.png``, a request, the scene's image and a ``det`` segment with
+  the boxes that answer it (:func:`detection_request`): "find the shapes" (every object) or "find
+  every red circle" (the objects of that pair; a pair the scene lacks, answered by no box, a third
+  of the time).
 
 For scoring generated text, :func:`parse_caption` reads ``(color, shape)`` pairs back out of a
 caption and :func:`caption_accuracy` compares predicted captions with the truth.
@@ -70,7 +74,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 """Color names and the one RGB each is drawn with."""
 SHAPES = ("circle", "square", "triangle")
 """Shape names."""
-KINDS = ("caption", "speech", "story", "spoken")
+KINDS = ("caption", "speech", "story", "spoken", "detect")
 """Sample kinds :func:`write_shards` can write (see the module docstring)."""
 ORDERS = ("left_to_right", "reading")
 """Orders objects (and so captions and stories) can come in: by box center left to right, or in
@@ -468,6 +472,33 @@ def _wav(sc: Scene, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+DETECT_ALL = 0.4
+"""Share of detection requests that ask for every object ("find the shapes")."""
+DETECT_ABSENT = 1 / 3
+"""Share of "find every <color> <shape>" requests whose pair the scene lacks (the answer: no box)."""
+
+
+def detection_request(sc: Scene, key: str,
+                      novel_pairs: Sequence[tuple[str, str]] = NOVEL_PAIRS) -> tuple[str, str, list[tuple]]:
+    """(request, phrase, boxes) of a scene's detection sample, drawn from a hash of ``key``.
+
+    ``boxes``: ``(x0, y0, x1, y1)`` as fractions of the canvas, of the objects that answer the
+    request, left to right. An absent pair is never a :data:`NOVEL_PAIRS` pair, so a request names
+    only pairs its split may show."""
+    h = np.random.default_rng(int.from_bytes(hashlib.sha256(f"detect:{key}".encode()).digest()[:8], "little"))
+    size = sc.image.shape[0]
+    if h.random() < DETECT_ALL:
+        chosen, phrase = list(sc.objects), "the shapes"
+    else:
+        present = sorted(set(sc.pairs))
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c, s) not in novel_pairs]
+        color, shape = (absent[h.integers(len(absent))] if h.random() < DETECT_ABSENT
+                        else present[h.integers(len(present))])
+        chosen, phrase = [o for o in sc.objects if (o.color, o.shape) == (color, shape)], f"every {color} {shape}"
+    boxes = [tuple(round(v / size, 6) for v in o.box) for o in chosen]
+    return f"find {phrase}", phrase, boxes
+
+
 def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int = 16000) -> list[dict]:
     """The WebDataset samples (``{"__key__": ..., EXT: bytes}``) of one scene, one per kind."""
     out = []
@@ -490,6 +521,12 @@ def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int 
             doc = {"segments": [{"audio": "0.wav"}, {"image": "1.png"}]}
             out.append({"__key__": k, "json": json.dumps(doc).encode(), "0.wav": _wav(sc, sample_rate),
                         "1.png": _png(sc.image)})
+        elif kind == "detect":
+            request, phrase, boxes = detection_request(sc, key)
+            # the request first: the image's tokens then attend to it (shared/notes/heads-calibration.md)
+            doc = {"segments": [{"text": request, "prompt": True}, {"image": "0.png", "prompt": True},
+                                {"det": {"boxes": [list(b) for b in boxes], "phrase": phrase}}]}
+            out.append({"__key__": k, "json": json.dumps(doc).encode(), "0.png": _png(sc.image)})
         else:
             raise OmniError(f"unknown sample kind {kind!r}; choose from {', '.join(KINDS)}")
     return out

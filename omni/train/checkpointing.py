@@ -22,17 +22,19 @@ from omni.run import read_checkpoint, write_checkpoint
 
 
 def save_train_checkpoint(out: Path, step: int, model_state: dict, optim_state: dict, model_config, tokenizer,
-                          run_config, trainer_state: dict) -> Path:
-    """Write ``out/step_XXXXXX`` atomically (call on rank 0 with full state dicts)."""
+                          run_config, trainer_state: dict, heads=None, heads_optim: dict | None = None) -> Path:
+    """Write ``out/step_XXXXXX`` atomically (call on rank 0 with full state dicts); ``heads`` (the task
+    heads, replicated) beside the decoder, their optimizer as the ``heads`` optimizer."""
     from omni.checkpoint import save_checkpoint
     from omni.model import OmniDecoder
 
     with torch.device("meta"):
         holder = OmniDecoder(model_config)  # save_checkpoint takes a module: give it one holding these tensors
     holder.load_state_dict(model_state, assign=True)
+    optimizers = {"model": optim_state, **({"heads": heads_optim} if heads_optim is not None else {})}
     return write_checkpoint(out, step, lambda d: save_checkpoint(d, holder, model_config, tokenizer,
-                                                                  extra_meta={"step": step}),
-                            optimizers={"model": optim_state}, trainer_state=trainer_state, config=run_config)
+                                                                  extra_meta={"step": step}, heads=heads),
+                            optimizers=optimizers, trainer_state=trainer_state, config=run_config)
 
 
 def load_train_checkpoint(ckpt: Path) -> tuple[dict, dict, dict, dict[str, torch.Tensor]]:

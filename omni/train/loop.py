@@ -72,6 +72,35 @@ def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -
     return base * lw[modality_table[batch["labels"]].long()]
 
 
+def _routing_slots(datasets, cfg: RunConfig) -> dict[str, int]:
+    """Routing token -> K of the token datasets that hold routed documents (each written with its
+    ``data.preprocess`` K, in its manifest); the heads' K must agree."""
+    from omni.config.data import PreprocessConfig
+
+    slots: dict[str, int] = {}
+    for d in datasets:
+        routed = d.manifest["totals"].get("routed", {})
+        written = {**vars(PreprocessConfig()), **d.manifest.get("config", {})}
+        for name, key in (("<det>", "det_queries"), ("<gen>", "gen_queries")):
+            if routed.get(name):
+                k = int(written[key])
+                if slots.setdefault(name, k) != k:
+                    raise OmniError(f"the token datasets disagree on the slots after {name}: {d.path} has {k}, an "
+                                    f"earlier one {slots[name]} (data.preprocess.{key}); preprocess them alike")
+    heads = cfg.heads.enabled
+    for name, k in heads.items():
+        if name in slots and slots[name] != k:
+            key = {"<det>": "det"}[name]
+            raise OmniError(f"heads.{key}.n_queries={k} but the token datasets carry {slots[name]} slots after each "
+                            f"{name} (preprocessed with data.preprocess.{key}_queries={slots[name]}); set "
+                            f"heads.{key}.n_queries={slots[name]} or preprocess again")
+        if name not in slots:
+            key = {"<det>": "det"}[name]
+            raise OmniError(f"heads.{key}.enabled but no token dataset of data.paths holds a {name} document: the head "
+                            "would never train (preprocess data with det segments, docs/data.md)")
+    return slots
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str = "auto", progress: bool = True):
         from omni.bundle import UnifiedTokenizer
@@ -96,6 +125,7 @@ class Trainer:
         self._build()  # the backend's model(s) and optimizer; sets dp_rank / dp_world
         self.stream = build_stream(cfg.data, self.tok, self.dp_rank, self.dp_world)
         self.eval_datasets = [TokenDataset(p, self.tok) for p in cfg.data.eval_paths]
+        self.slots = _routing_slots([p.ds for p in self.stream.packers] + self.eval_datasets, cfg)
         self.out = check_writable(cfg.train.out, "train.out")
         tc = cfg.train
         self.step = 0
@@ -130,7 +160,42 @@ class Trainer:
         self.module = parallelize(model, cfg.parallel, self.info, tc.activation_checkpointing)
         self.opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                      eps=tc.eps, foreach=False)
+        self._build_heads()
         self.dp_rank, self.dp_world = self.info.rank, self.info.world  # every process is a data-parallel rank
+
+    def _build_heads(self) -> None:
+        """The task heads of ``heads.*`` (VisionLLM v2), replicated on every rank, with their own AdamW.
+
+        Not inside DDP / FSDP: a rank whose micro-batches hold no routing token runs no head, which
+        those wrappers do not allow; their gradients are averaged over the ranks by hand instead
+        (:meth:`_sync_head_grads`). Their gradient is clipped on its own, at the same norm."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.heads = self.heads_opt = None
+        if not cfg.heads.enabled:
+            return
+        from omni.decoders.routing import RoutingHeads
+
+        grid = self.tok.vocab.image_grid or (self.tok.image.grid if self.tok.image is not None else None)
+        torch.manual_seed(cfg.seed + 1)  # identical on every rank, independent of the decoder's init
+        self.heads = RoutingHeads(cfg.heads, cfg.model.dim, self.tok.vocab.specials, grid).to(self.info.device)
+        self.heads_opt = torch.optim.AdamW(_param_groups(self.heads, tc.weight_decay), lr=tc.lr,
+                                           betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False)
+
+    def _sync_head_grads(self, n_routes: dict[str, int]) -> None:
+        """Average the heads' gradients over the ranks (zeros where a rank ran no head); a head no
+        rank ran this step gets no gradient at all, so AdamW leaves it as it is."""
+        from omni.run import average_gradients
+
+        params = list(self.heads.parameters())
+        for q in params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        average_gradients(params)
+        unused = [name for name in self.heads.queries.n_queries if not n_routes.get(name)]
+        for name in unused:
+            head = {"<det>": "det"}[name]
+            for q in [self.heads.queries.queries[name.strip("<>")], *self.heads.heads[head].parameters()]:
+                q.grad = None
 
     # --- state ---------------------------------------------------------------------------
     def _full_states(self) -> tuple[dict, dict]:
@@ -164,11 +229,28 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, model_state, options=opts)
         set_optimizer_state_dict(self.module, self.opt, optim_state, options=opts)
+        self._restore_heads(path)
         self.stream.load_state_dict(state["data"])
         self.step = state["step"]
         self.bad_in_row, self.skipped_steps = state["bad_in_row"], state["skipped_steps"]
         self.tokens_seen = state["tokens_seen"]
         set_rng_state(state["rng"], rng)
+
+    def _restore_heads(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        from omni.decoders.routing import HEADS_WEIGHTS
+        from omni.run import read_checkpoint
+
+        has = (path / HEADS_WEIGHTS).is_file()
+        if self.heads is None and not has:
+            return
+        if self.heads is None or not has:
+            raise OmniError(f"cannot resume {path}: it was saved {'with' if has else 'without'} task heads and this run "
+                            f"has {'none' if self.heads is None else 'heads.* enabled'}; resume with the same heads.*, "
+                            "or start a new run from its weights with train.init_from")
+        self.heads.load_state_dict(load_file(str(path / HEADS_WEIGHTS)))
+        self.heads_opt.load_state_dict(read_checkpoint(path)[1]["heads"])
 
     @property
     def global_batch(self) -> int:
@@ -237,7 +319,8 @@ class Trainer:
                              "world": self.info.world, "micro_batch_size": self.cfg.train.micro_batch_size,
                              "global_batch": self.global_batch}
             path = save_train_checkpoint(self.out, self.step, model_state, optim_state, self.cfg.model,
-                                              self.tok, self.cfg, trainer_state)
+                                              self.tok, self.cfg, trainer_state, heads=self.heads,
+                                              heads_optim=None if self.heads is None else self.heads_opt.state_dict())
             prune(self.out, self.cfg.train.keep_last)
         barrier()
         return path
@@ -258,6 +341,13 @@ class Trainer:
             g["lr"] = lr
         batches = [self.stream.next_batch(tc.micro_batch_size) for _ in range(tc.grad_accum)]
         weights = [_target_weights(b, cfg, self.modality_table).to(dev) for b in batches]
+        routes = [self._routes(b, w) for b, w in zip(batches, weights)]  # also unweights the slots' targets
+        # the heads' losses are means over the global batch's routes of each kind (like the LM's over tokens)
+        n_routes = {}
+        if self.heads is not None:
+            counts = torch.tensor([[sum(r.name == name for r in rs) for rs in routes] for name in self.slots],
+                                  dtype=torch.float64).sum(1)
+            n_routes = dict(zip(self.slots, all_reduce_sum(counts).long().tolist()))
         # Normalize by the scored-token weight of the whole global batch: exact equivalence to one
         # process with the whole batch, whatever the split over ranks and micro-batches.
         global_denom = all_reduce_sum(torch.stack([w.sum() for w in weights]).sum().double()).clamp_min(1.0)
@@ -265,15 +355,21 @@ class Trainer:
                     else contextlib.nullcontext())
         # sums for logging: [total, ce, z, then ce and count per modality]
         sums = torch.zeros(3 + 2 * len(MODALITY_NAMES), dtype=torch.float64)
-        for i, (b, w) in enumerate(zip(batches, weights)):
+        head_sums: dict[str, float] = {}
+        for i, (b, w, rs) in enumerate(zip(batches, weights, routes)):
             last = i == len(batches) - 1
             if last and hasattr(self.module, "set_requires_gradient_sync"):
                 self.module.set_requires_gradient_sync(True)
             with self._sync_context(last), autocast:
-                out = self.module(b["input_ids"].to(dev), labels=b["labels"].to(dev), loss_mask=w,
-                                  doc_ids=b["doc_ids"].to(dev), position_ids=b["position_ids"].to(dev))
+                ids, doc_ids = b["input_ids"].to(dev), b["doc_ids"].to(dev)
+                run_heads = self.heads is not None and bool(rs)
+                out = self.module(ids, labels=b["labels"].to(dev), loss_mask=w, doc_ids=doc_ids,
+                                  position_ids=b["position_ids"].to(dev), return_hidden=run_heads,
+                                  splice=self.heads.queries.splicer(rs) if run_heads else None)
                 local = w.sum().clamp_min(1.0)  # the model's loss is a mean over this micro-batch
                 loss = out.loss * (local / global_denom).float() * self.info.world
+                if run_heads:
+                    loss = loss + self._head_loss(out.hidden, ids, doc_ids, b, rs, n_routes, head_sums)
             loss.backward()
             with torch.no_grad():
                 sums[0] += float(out.loss.detach()) * float(local)
@@ -288,6 +384,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        head_row = {}
+        if self.heads is not None:
+            self._sync_head_grads(n_routes)
+            head_params = [p for p in self.heads.parameters() if p.grad is not None]
+            head_norm = torch.nn.utils.clip_grad_norm_(head_params, max_norm) if head_params else torch.zeros(())
+            names = sorted(head_sums)
+            totals = all_reduce_sum(torch.tensor([head_sums[k] for k in names], dtype=torch.float64))
+            head_row = {"grad_norm_heads": float(head_norm), **{f"routes_{k.strip('<>')}": n for k, n in n_routes.items()}}
+            head_row.update({k: float(v) for k, v in zip(names, totals)})  # already means over the global routes
+            if not torch.isfinite(head_norm):
+                grad_norm = head_norm  # a non-finite head gradient skips the step like the decoder's
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         loss_value = sums[0] / float(global_denom)
@@ -295,11 +402,16 @@ class Trainer:
         bad = bool(all_reduce_max(bad).item())
         if bad:
             self.opt.zero_grad(set_to_none=True)
+            if self.heads_opt is not None:
+                self.heads_opt.zero_grad(set_to_none=True)
             self.bad_in_row += 1
             self.skipped_steps += 1
         else:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.heads_opt is not None:
+                self.heads_opt.step()
+                self.heads_opt.zero_grad(set_to_none=True)
             self.bad_in_row = 0
         self.step += 1
         seq_len = batches[0]["input_ids"].shape[1]
@@ -307,7 +419,7 @@ class Trainer:
         self.tokens_seen += n_tokens
         row = {"step": self.step, "loss": float(loss_value), "ce": float(sums[1] / float(global_denom)),
                "z": float(sums[2] / float(global_denom)), "lr": lr, "grad_norm": float(grad_norm),
-               "skipped": bool(bad), "skipped_steps": self.skipped_steps, "tokens": n_tokens}
+               "skipped": bool(bad), "skipped_steps": self.skipped_steps, "tokens": n_tokens, **head_row}
         weights_by_mod = {"text": tc.loss_weights.text, "special": tc.loss_weights.text,
                           "image": tc.loss_weights.image, "audio": tc.loss_weights.audio}
         for k, name in enumerate(MODALITY_NAMES[:4]):
@@ -315,6 +427,36 @@ class Trainer:
             if n and weights_by_mod[name] > 0:  # the model's per-modality mean carries the weight: undo it
                 row[f"loss_{name}"] = float(sums[3 + 2 * k]) / n / weights_by_mod[name]
         return row
+
+    def _routes(self, batch: dict, weights: torch.Tensor) -> list:
+        """The routing tokens of a micro-batch (their K slots checked); the targets of the routing token
+        and its first K-1 slots get weight 0: they would be the slot placeholder (omni.decoders.routing)."""
+        if not self.slots:
+            return []
+        from omni.decoders.routing import find_routes
+        from omni.vocab import SLOT
+
+        v = self.tok.vocab
+        rs = find_routes(batch["input_ids"], self.slots, v.specials, v.special(SLOT))
+        for r in rs:
+            weights[r.row, r.token : r.token + r.n_queries] = 0.0
+        return rs
+
+    def _head_loss(self, hidden, ids, doc_ids, batch: dict, routes: list, n_routes: dict[str, int],
+                   sums: dict[str, float]) -> torch.Tensor:
+        """This micro-batch's share of the weighted head losses: each head's terms are a mean over its
+        routes here, weighted by their share of the global batch's routes (x world: the decoder's
+        gradients are averaged over the ranks, and so are the heads', :meth:`_sync_head_grads`)."""
+        tc = self.cfg.train
+        det = [r for r in routes if r.name == "<det>"]
+        boxes = [torch.from_numpy(b) for b in self.stream.det_boxes(batch["spans"], batch["input_ids"], det)]
+        terms = self.heads.losses(hidden.float(), ids, routes, boxes, doc_ids)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for name, value in terms.items():
+            share = len(det) / max(n_routes.get("<det>", 0), 1)  # det_* are the only terms so far
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
+            total = total + tc.loss_weights.det * value * share * self.info.world
+        return total
 
     # --- validation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -340,9 +482,12 @@ class Trainer:
             for _ in range(tc.eval_batches):
                 b = stream.next_batch(tc.micro_batch_size)
                 w = b["valid_mask"].to(dev)
+                rs = self._routes(b, w)  # slot targets are not scored here either
+                splice = self.heads.queries.splicer(rs) if self.heads is not None and rs else None
                 with autocast:
                     out = self.module(b["input_ids"].to(dev), labels=b["labels"].to(dev), loss_mask=w,
-                                      doc_ids=b["doc_ids"].to(dev), position_ids=b["position_ids"].to(dev))
+                                      doc_ids=b["doc_ids"].to(dev), position_ids=b["position_ids"].to(dev),
+                                      splice=splice)
                 n = float(w.sum())
                 sums[0] += float(out.ce_loss) * n
                 sums[1] += n

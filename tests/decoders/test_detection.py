@@ -40,8 +40,8 @@ def one_thread():
 
 
 def tiny_head(**kw) -> DetectionHead:
-    cfg = {"dim": D, "width": 64, "n_objects": 8, "n_heads": 4, "ffn_dim": 128, "grid": (4, 4), **kw}
-    return DetectionHead(DetectionHeadConfig(**cfg))
+    cfg = {"width": 64, "n_objects": 8, "n_heads": 4, "ffn_dim": 128, "grid": (4, 4), **kw}
+    return DetectionHead(D, DetectionHeadConfig(**cfg))
 
 
 def four_targets() -> list[torch.Tensor]:
@@ -320,6 +320,10 @@ def test_bad_config_is_a_clear_error():
         DetectionHeadConfig(max_objects=20)
     with pytest.raises(OmniError, match="grid"):
         DetectionHeadConfig(grid=(4, 0))
+    with pytest.raises(OmniError, match="n_queries=0 is invalid"):
+        DetectionHeadConfig(n_queries=0)
+    with pytest.raises(OmniError, match="the decoder's hidden size"):
+        DetectionHead(0)
 
 
 def test_bad_inputs_are_clear_errors():

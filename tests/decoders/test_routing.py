@@ -77,7 +77,7 @@ def test_head_loss_sends_gradients_into_the_decoder_and_the_queries(model, vocab
     q = _queries(model, vocab)
     ids = _routed(vocab)
     routes = q.find(ids)
-    out = model(ids, embeds=q.splice(model.tok_embeddings(ids), routes), return_hidden=True)
+    out = model(ids, splice=q.splicer(routes), return_hidden=True)
     states = q.gather(out.hidden, routes)["<det>"]  # [1, K, D]
     assert states.shape == (1, K, model.config.dim)
     states.pow(2).mean().backward()  # a stand-in head loss
@@ -92,19 +92,19 @@ def test_generation_step_feeds_the_queries_once_and_later_tokens_attend_to_them(
     ids = _routed(vocab)
     routes = q.find(ids)
     with torch.no_grad():
-        full = model(ids, embeds=q.splice(model.tok_embeddings(ids), routes), return_hidden=True)
+        full = model(ids, splice=q.splicer(routes), return_hidden=True)
         cache = model.new_cache()
         model(ids[:, :4], cache=cache)  # the prompt
-        step_ids, step_embeds = q.step_inputs("<det>", model.tok_embeddings)  # the model emitted <det>
+        step_ids, step_routes = q.step_inputs("<det>")  # the model emitted <det>
         assert step_ids.tolist() == ids[:, 4:9].tolist()
-        step = model(step_ids, embeds=step_embeds, cache=cache, return_hidden=True)
+        step = model(step_ids, splice=q.splicer(step_routes), cache=cache, return_hidden=True)
         nxt = model(ids[:, 9:], cache=cache)
         torch.testing.assert_close(step.hidden[:, 1:], q.gather(full.hidden, routes)["<det>"])
         torch.testing.assert_close(nxt.logits[:, -1], full.logits[:, -1])
         assert cache.length == ids.shape[1]
         # other query embeddings, same ids: the token after the slots sees the difference
         q.queries["det"].mul_(-1)
-        other = model(ids, embeds=q.splice(model.tok_embeddings(ids), routes))
+        other = model(ids, splice=q.splicer(routes))
     assert (other.logits[:, -1] - full.logits[:, -1]).abs().max() > 1e-4
 
 

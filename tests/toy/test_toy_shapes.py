@@ -158,7 +158,7 @@ def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
 
 def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, real_tokenizer):
     from omni.data.samples import parse_sample
-    from omni.document import Audio, Image, Text
+    from omni.document import Audio, Detect, Image, Text
 
     paths = toy.write_shards(tmp_path / "raw", 5, "train", scenes_per_shard=3)
     assert [p.name for p in paths] == ["shapes-train-000.tar", "shapes-train-001.tar"]
@@ -184,6 +184,13 @@ def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, r
         assert toy.parse_caption(doc.segments[0].text) == sc.pairs
     for s in by_kind["spoken"]:
         assert [type(x) for x in parse_sample(s).doc.segments] == [Audio, Image]
+    for s, seed in zip(by_kind["detect"], seeds):  # request, image, the boxes that answer it
+        sc = toy.scene(seed)
+        doc = parse_sample(s).doc
+        assert [type(x) for x in doc.segments] == [Text, Image, Detect]
+        request, det = doc.segments[0].text, doc.segments[2]
+        want = [o for o in sc.objects if request == "find the shapes" or request == f"find every {o.color} {o.shape}"]
+        assert det.boxes == [tuple(v / 64 for v in o.box) for o in want] and det.phrase == request[5:]
 
     # only the kinds asked for; test shards hold the test split's scenes
     held = toy.write_shards(tmp_path / "held", 2, "test", kinds=["caption"])
@@ -196,7 +203,7 @@ def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, r
     assert rc == 0, err
     totals = json.loads((tmp_path / "tok" / "manifest.json").read_text())["totals"]
     assert totals["skipped"] == {} and totals["documents"] == 5 * len(toy.KINDS)
-    n_images = 5 * 2 + sum(len(toy.scene(s).objects) for s in seeds)  # caption + spoken + story images
+    n_images = 5 * 3 + sum(len(toy.scene(s).objects) for s in seeds)  # caption + spoken + detect + story images
     assert totals["tokens"]["image"] == n_images * 16  # 4x4 codes each
     assert totals["tokens"]["audio"] > 0
 
@@ -244,3 +251,16 @@ def test_grid_snaps_sides_and_positions_to_whole_patches():
         toy.scene(0, size=32, grid=7)  # no multiple of 7 between the sides 8 and 12
     with pytest.raises(OmniError, match="grid=0 is invalid"):
         toy.write_shards("unused", 1, size=32, grid=0)
+
+
+def test_detection_requests_cover_all_present_and_absent_pairs():
+    """The detection kind's requests: "find the shapes" about DETECT_ALL of the time, else a pair, absent
+    about DETECT_ABSENT of those (no box), never a compositional pair; the same key, the same request."""
+    reqs = [toy.detection_request(toy.scene(s), f"k{s}") for s in toy.scene_seeds(300, "train")]
+    every = [r for r in reqs if r[0] == "find the shapes"]
+    absent = [r for r in reqs if r[0] != "find the shapes" and not r[2]]
+    assert 0.3 < len(every) / len(reqs) < 0.5 and 0.2 < len(absent) / (len(reqs) - len(every)) < 0.45
+    assert all(r[2] for r in every)
+    assert not any(toy.parse_caption(r[1]) and tuple(toy.parse_caption(r[1])[0]) in toy.NOVEL_PAIRS for r in reqs)
+    sc = toy.scene(toy.scene_seeds(1, "train")[0])
+    assert toy.detection_request(sc, "key") == toy.detection_request(sc, "key")
