@@ -51,7 +51,8 @@ class TaskHead(torch.nn.Module, abc.ABC):
 
 
 # kind -> TaskHead subclass or "module:Class". Built-in heads are imported only when first named.
-HEADS = Registry("task head kind", "registered kinds", {"detr": "omni.decoders.detection:DetectionHead"})
+HEADS = Registry("task head kind", "registered kinds", {"detr": "omni.decoders.detection:DetectionHead",
+                                                         "diffusion": "omni.decoders.diffusion:DiffusionHead"})
 
 
 def register_head(kind: str, cls_or_path: str | type[TaskHead]) -> None:
