@@ -233,6 +233,19 @@ class RoutingHeads(nn.Module):
         return terms
 
 
+    @torch.no_grad()
+    def predict(self, hidden: torch.Tensor, ids: torch.Tensor, routes: list[Route], threshold: float = 0.5,
+                doc_ids: torch.Tensor | None = None) -> list[list[tuple]]:
+        """Per ``<det>`` route: [(box (x0, y0, x1, y1) in [0, 1], score), ...] scoring at least
+        ``threshold``, highest first (hidden: the final hidden states [B, T, D], float32)."""
+        det = [r for r in routes if r.name == "<det>"]
+        if not det:
+            return []
+        out = self.heads["det"](self.queries.gather(hidden, det)["<det>"],
+                                self.image_states(hidden, ids, det, doc_ids), grid=self.grid)
+        return self.heads["det"].predict(out, threshold)
+
+
 def save_heads(heads: RoutingHeads, directory) -> None:
     """``directory/heads.safetensors`` (weights) and ``directory/heads.yaml`` (their HeadsConfig)."""
     from pathlib import Path

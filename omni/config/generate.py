@@ -80,8 +80,12 @@ class GenerateConfig:
     model); worth it for long outputs (bench/generate.py)."""
     seed: int = 0
     """Seed of the sampler: the same seed and inputs give the same output."""
+    det_threshold: float = 0.5
+    """A model with a detection head (``model.heads``): the score a box needs to be kept when the model
+    emits ``<det>`` (the head's object probability, 0..1)."""
 
     def __post_init__(self) -> None:
+        check(0.0 <= self.det_threshold <= 1.0, "det_threshold", self.det_threshold, "in [0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
         check(self.max_images >= 0, "max_images", self.max_images, ">= 0")
         check(0 <= self.min_images <= max(self.max_images, 0), "min_images", self.min_images,

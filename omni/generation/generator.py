@@ -15,6 +15,14 @@ its own cache. Its context is the prompt with every text segment dropped (``<bos
 prompt's images/audio, if any), followed by the same tokens the conditional row generates; inside
 image (audio) blocks the logits become ``c + (s - 1)(c - u)``.
 
+Routing heads (VisionLLM v2): a model loaded with task heads (``model.heads``, :func:`omni.load`) may
+emit ``<det>`` once its row holds an image. That step feeds the token and its K super-link queries
+at once (other rows feed their token and K padding positions no one attends to), so the cache holds
+the queries and what follows attends to them; from then on positions are passed explicitly. The
+detection head reads the row's query states and its last image's states (one forward over the
+row, the same as the cached ones: tests/decoders/test_routing.py) and its boxes fill the
+``Detect`` segment of the returned document.
+
 Reranking (``rerank: N``): every prompt is sampled N times (rows ``i * N + k``, which is what
 ``on_token`` / ``on_segment`` see), then each candidate is scored by the same model reading the
 other way: ``<bos>`` + the candidate's image/audio blocks + the prompt's text + ``<eos>``, summing
@@ -30,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from omni.config.generate import GenerateConfig
-from omni.document import Document, Text
+from omni.document import Detect, Document, Text
 from omni.errors import OmniError
 from omni.generation.jacobi import Drafts, jacobi_window
 from omni.generation.processors import (
@@ -106,12 +114,16 @@ def generate(
     if not prompts:
         raise OmniError("generate needs at least one prompt")
     n = config.rerank
-    rows = _sample(model, tok, [p for p in prompts for _ in range(n)], config, on_token, on_segment)
+    rows, found = _sample(model, tok, [p for p in prompts for _ in range(n)], config, on_token, on_segment)
     if n > 1:
         best = rerank_scores(model, tok, prompts, rows, n).argmax(1).tolist()  # [P]
         rows = [rows[i * n + k] for i, k in enumerate(best)]
+        found = [found[i * n + k] for i, k in enumerate(best)]
     eos = tok.vocab.special("<eos>")
     docs = [tok.decode([t for t in r if t != eos]) for r in rows]
+    for doc, dets in zip(docs, found):  # the head's boxes into the <det> segments, in order
+        for seg, (boxes, scores) in zip((x for x in doc.segments if isinstance(x, Detect)), dets):
+            seg.boxes, seg.scores = boxes, scores
     return docs[0] if single else docs
 
 
@@ -143,8 +155,10 @@ def rerank_scores(model, tok, prompts: list[Document], rows: list[list[int]], n:
     return scores.reshape(len(prompts), n)
 
 
-def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_token, on_segment) -> list[list[int]]:
-    """The generated ids of every prompt (the decoding loop of the module docstring)."""
+def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_token,
+            on_segment) -> tuple[list[list[int]], list[list[tuple]]]:
+    """The generated ids of every prompt (the decoding loop of the module docstring), and per prompt
+    the (boxes, scores) of each ``<det>`` it emitted."""
     v = tok.vocab
     max_len = getattr(model.config, "max_seq_len", None) or 1 << 30
     cond = [tok.encode(p) for p in prompts]
@@ -168,7 +182,14 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                  context=f"the model's context is {max_len} tokens (max_seq_len) and the longest prompt "
                  f"takes {ids.shape[1]}" if max_new < config.max_new_tokens else "")
     state = DecodeState(v, B, max_new, config, n_image)
-    constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None)
+    heads = getattr(model, "heads", None)
+    # routing id -> (name, K) of the heads the model has (<det> for now)
+    routing = {} if heads is None or "det" not in heads.heads else {
+        heads.queries.token_ids["<det>"]: ("<det>", heads.queries.n_queries["<det>"])}
+    for r, prompt_ids in zip(state.rows, cond):
+        r.prompt_images = sum(b.closed and b.kind == IMAGE_MODE for b in v.blocks(prompt_ids.tolist()))
+    found: list[list[tuple]] = [[] for _ in range(B)]
+    constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None, tuple(routing))
     sampler = ModalitySampler(config, torch.Generator().manual_seed(config.seed))
 
     def emit(nxt: torch.Tensor) -> None:  # nxt [B]: advance every row's state, stream
@@ -187,15 +208,24 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
     logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float().cpu()  # prefill: [B or 2B, V]
     step = compiled_decoder(model) if config.compile else model
     drafts, pending = Drafts(B), None
+    explicit = False  # positions passed explicitly: once a routing step fed padding between tokens
     while True:
         if pending is None:
             step_logits = guidance(logits[:B], logits[B:], state) if guidance.active else logits
             nxt = sampler(constraint(step_logits, state), state)  # [B]
         else:  # chosen by the last Jacobi window, not fed yet
             nxt, pending = torch.tensor(pending), None
+        done_before = [r.mode == "done" for r in state.rows]
         emit(nxt)
         if state.finished:
             break
+        route = {b: routing[int(t)] for b, t in enumerate(nxt.tolist()) if t in routing and not done_before[b]}
+        if route:
+            logits = _routing_step(model, heads, nxt, route, cache, guidance.active, v)
+            explicit = True
+            for b in route:
+                found[b].append(_run_head(model, heads, cond[b], state.rows[b].tokens, routing, config, device))
+            continue
         w = _jacobi_width(state, config.jacobi)
         if w:
             guesses, dists = drafts.window(nxt.tolist(), w)
@@ -206,7 +236,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         feed = torch.cat([feed, feed]) if guidance.active else feed  # the unconditional rows follow
         past = cache.length
         new_doc = torch.zeros(feed.shape, dtype=torch.long, device=device)
-        raw = step(feed.to(device), doc_ids=new_doc, cache=cache).logits.float().cpu()  # [B or 2B, 1 + w, V]
+        positions = _next_positions(cache, feed.shape[1]) if explicit else None
+        raw = step(feed.to(device), doc_ids=new_doc, cache=cache,
+                   position_ids=positions).logits.float().cpu()  # [B or 2B, 1 + w, V]
         if not w:
             logits = raw[:, -1]
             continue
@@ -226,7 +258,57 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         else:  # keep the fed tokens that were accepted (the window's first token and len(accepted[0]) guesses)
             cache.truncate(past + 1 + len(accepted[0]))
 
-    return [list(r.tokens) for r in state.rows]
+    return [list(r.tokens) for r in state.rows], found
+
+
+def _next_positions(cache, T: int) -> torch.Tensor:
+    """Positions [rows, T] of the next T fed tokens: each row's real (non-padding) tokens so far onward."""
+    start = (cache.doc_ids >= 0).sum(1)  # [rows]
+    return start[:, None] + torch.arange(T, device=start.device)[None]
+
+
+def _routing_step(model, heads, nxt: torch.Tensor, route: dict, cache, cfg_rows: bool, vocab) -> torch.Tensor:
+    """Feed this step's tokens, with the K slots (their queries spliced in) after each routing token and
+    K padding positions (document -1: never attended to) after the others; the next logits [rows, V]:
+    at the last slot of a routed row, at the token of the others."""
+    from omni.decoders.routing import Route
+
+    B = len(nxt)
+    K = max(k for _, k in route.values())
+    feed = torch.full((B, 1 + K), vocab.special("<pad>"), dtype=torch.long)
+    docs = torch.full((B, 1 + K), -1, dtype=torch.long)
+    feed[:, 0], docs[:, 0] = nxt, 0
+    last = torch.zeros(B, dtype=torch.long)
+    routes = []
+    for b, (name, k) in route.items():
+        feed[b, 1:1 + k], docs[b, 1:1 + k] = heads.queries.slot_id, 0
+        last[b] = k
+        routes.append(Route(b, 0, name, k))
+    if cfg_rows:  # the unconditional rows feed the same
+        feed, docs, last = torch.cat([feed, feed]), torch.cat([docs, docs]), torch.cat([last, last])
+        routes += [Route(r.row + B, 0, r.name, r.n_queries) for r in routes]
+    device = next(model.parameters()).device
+    if cache.doc_ids is None:  # a prefill without padding: every cached token is the row's
+        cache.doc_ids = torch.zeros(feed.shape[0], cache.length, dtype=torch.long, device=device)
+    out = model(feed.to(device), doc_ids=docs.to(device), cache=cache, position_ids=_next_positions(cache, 1 + K),
+                splice=heads.queries.splicer(routes))
+    return out.logits[torch.arange(feed.shape[0], device=device), last.to(device)].float().cpu()
+
+
+def _run_head(model, heads, prompt_ids: torch.Tensor, generated: list[int], routing: dict, config,
+              device) -> tuple[list, list]:
+    """(boxes, scores) of the routing token that ends ``generated``: one forward over the row (prompt,
+    then the generated tokens with the slots fed after each routing token), its last route's head."""
+    seq = prompt_ids.tolist()
+    for t in generated:
+        seq.append(t)
+        if t in routing:
+            seq += [heads.queries.slot_id] * routing[t][1]
+    ids = torch.tensor([seq], device=device)
+    routes = heads.find(ids)
+    hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
+    (pred,) = heads.predict(hidden, ids, routes[-1:], config.det_threshold)
+    return [b for b, _ in pred], [s for _, s in pred]
 
 
 def _jacobi_width(state: DecodeState, k: int) -> int:

@@ -83,6 +83,8 @@ class RowState:
     """Finished audio blocks."""
     tokens: list[int] = field(default_factory=list)
     """Emitted ids."""
+    prompt_images: int = 0
+    """Image blocks in the prompt (a ``<det>`` reads the last image before it)."""
 
 
 class DecodeState:
@@ -138,13 +140,19 @@ class DecodeState:
 
 
 class ModalityConstraint:
-    """Mask logits [B, V] to the ids each row's state allows (-inf elsewhere)."""
+    """Mask logits [B, V] to the ids each row's state allows (-inf elsewhere).
 
-    def __init__(self, vocab, config: GenerateConfig, has_image: bool, has_audio: bool):
+    ``routing``: the routing tokens the model has heads for (ids); one is allowed in text once the row
+    holds an image to read (in its prompt or made by then): without a head, or without an image, the
+    model cannot emit one."""
+
+    def __init__(self, vocab, config: GenerateConfig, has_image: bool, has_audio: bool,
+                 routing: tuple[int, ...] = ()):
         table = vocab.modality_table
         from omni.vocab import AUDIO, IMAGE, TEXT
 
         self.config, self.has_image, self.has_audio = config, has_image, has_audio
+        self.routing = routing
         self.text_ids = table == TEXT
         self.image_ids = table == IMAGE
         self.audio_ids = table == AUDIO
@@ -185,6 +193,8 @@ class ModalityConstraint:
         text_fits = R - 1 >= need
         allow = self.text_ids.clone() if cfg.allow_text and text_fits else torch.zeros(V, dtype=torch.bool)
         allow[state.eos] = oi == 0 and oa == 0  # no <eos> while a block is owed
+        if self.routing and text_fits and r.images + r.prompt_images > 0:
+            allow[list(self.routing)] = True  # one sampled token: its slots are fed, not sampled
         if (self.has_image and cfg.allow_images and r.images < cfg.max_images
                 and R >= n_img + 2 + owed_tokens(max(0, oi - 1), oa, n_img)):
             allow[state.boi] = True  # N codes + <eoi> fit, and so do the blocks still owed after it
