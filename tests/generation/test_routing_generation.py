@@ -105,3 +105,40 @@ def test_a_batch_with_a_routed_row_equals_each_row_alone(monkeypatch, routed_mod
         for step, logits in enumerate(alone_seen):
             ok = torch.isfinite(logits[0])
             torch.testing.assert_close(logits[0][ok], batched[step][b][ok], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_page_draws_the_boxes_over_the_image_in_chromium(tmp_path):
+    """A Detect after an image: the page shows that image with the boxes drawn on and lists them (the
+    Markdown too); headless Chromium's screenshot shows one magenta rectangle per box."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image as PILImage
+    from scipy import ndimage
+
+    from omni.generation.page import BOX_RGB, write_page
+
+    image = omni.Image(torch.ones(3, 32, 32) * 0.9)
+    boxes = [(0.1, 0.1, 0.4, 0.45), (0.55, 0.5, 0.9, 0.85), (0.6, 0.05, 0.95, 0.3)]
+    prompt = omni.Document([omni.Text("find the shapes"), image])
+    out = omni.Document([omni.Detect(boxes, scores=[0.9, 0.8, 0.6], phrase="the shapes")])
+    page = write_page([(prompt, out)], tmp_path / "det.html")
+    text = page.read_text()
+    assert "3 boxes for “the shapes”" in text and "(0.55, 0.50, 0.90, 0.85) score 0.80" in text
+    md = (tmp_path / "det.md").read_text()
+    assert "![detections: 3 boxes" in md and "- (0.10, 0.10, 0.40, 0.45) score 0.90" in md
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,800",
+                        f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), r.stderr[-2000:]
+    a = np.asarray(PILImage.open(shot).convert("RGB")).astype(int)
+    magenta = (np.abs(a - np.array(BOX_RGB)).max(-1) < 40)
+    labels, count = ndimage.label(magenta)
+    sizes = np.asarray(ndimage.sum(magenta, labels, range(1, count + 1)))
+    assert int((sizes > 50).sum()) == len(boxes), sizes
