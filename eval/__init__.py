@@ -6,7 +6,9 @@
   tokenizer trainer calls every ``eval_every`` steps);
 * :mod:`omni.eval.judge`: the image judge of the toy world (which colored shapes a picture shows);
 * :mod:`omni.eval.demo`: the any-to-any suite of ``omni demo`` (caption <-> image, speech <-> text,
-  stories), judged on scenes disjoint from training by content.
+  stories), judged on scenes disjoint from training by content;
+* :mod:`omni.eval.detection`: COCO AP of the ``<det>`` head (pycocotools), its chance row, and the
+  detection suite on toy-world scenes.
 
 :data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
 runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an
@@ -26,6 +28,7 @@ SUITES = Registry("evaluation suite", "suites", {
     "image-tokenizer": "omni.eval.tokenizers:image_suite",
     "audio-tokenizer": "omni.eval.tokenizers:audio_suite",
     "demo": "omni.eval.demo:demo_suite",
+    "detection": "omni.eval.detection:detection_suite",
 })
 """Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
 

@@ -126,3 +126,99 @@ def chance_predictions(ground_truth: Sequence[Sequence[Box]], rng: np.random.Gen
         out.append([((float(a), float(b), float(a + w), float(b + h)), float(sc))
                     for a, b, (w, h), sc in zip(x0, y0, s, scores)])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The detection suite on the toy world: `omni eval detection --checkpoint DIR`
+# ----------------------------------------------------------------------------------------------
+REQUESTS = ("the shapes", "present pair", "absent pair")
+"""Per scene: "find the shapes" (every object), "find every C S" of a pair it shows, and of one it lacks."""
+
+
+def requests_of(scene, rng: np.random.Generator, novel_pairs) -> list[tuple[str, str, list]]:
+    """(kind, request, ground-truth boxes) of one scene's three requests (:data:`REQUESTS`)."""
+    from omni.toy.shapes import COLORS, SHAPES
+
+    size = scene.image.shape[0]
+    box = lambda o: tuple(v / size for v in o.box)  # noqa: E731
+    present = sorted(set(scene.pairs))
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c, s) not in novel_pairs]
+    c, s = present[rng.integers(len(present))]
+    a = absent[rng.integers(len(absent))]
+    return [("the shapes", "find the shapes", [box(o) for o in scene.objects]),
+            ("present pair", f"find every {c} {s}", [box(o) for o in scene.objects if (o.color, o.shape) == (c, s)]),
+            ("absent pair", f"find every {a[0]} {a[1]}", [])]
+
+
+def evaluate_detection(model, tok, scenes, novel_pairs=(), batch_size: int = 32, seed: int = 0) -> dict:
+    """COCO AP of ``model.heads``' detection head on ``scenes`` (teacher-forced: the request, the scene's
+    image, then ``<det>`` and its slots, as the training documents are), by request kind, pooled, and
+    the chance row of each (:func:`chance_predictions`); plus the share of absent-pair requests that
+    got a box scoring above 0.5."""
+    import torch
+
+    with torch.inference_mode():
+        return _evaluate_detection(model, tok, scenes, novel_pairs, batch_size, seed)
+
+
+def _evaluate_detection(model, tok, scenes, novel_pairs, batch_size: int, seed: int) -> dict:
+    import time
+
+    import torch
+
+    from omni.document import Detect, Document, Image, Text
+
+    heads = getattr(model, "heads", None)
+    if heads is None or "det" not in heads.heads:
+        raise OmniError("this checkpoint has no detection head (train with heads.det.enabled=true)")
+    rng = np.random.default_rng(seed)
+    items = [(kind, req, gt, sc) for sc in scenes for kind, req, gt in requests_of(sc, rng, novel_pairs)]
+    k = heads.queries.n_queries["<det>"]
+    device = next(model.parameters()).device
+    preds = []
+    t0 = time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        rows = [tok.encode(Document([Text(req), Image(sc.image), Detect()]), slots={"<det>": k})
+                for _, req, _, sc in chunk]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), tok.vocab.special("<pad>"), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = r  # right-padded: causal rows never see the padding
+        ids = ids.to(device)
+        routes = heads.find(ids)
+        hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
+        preds += heads.predict(hidden, ids, routes, threshold=0.0)
+    seconds = time.perf_counter() - t0
+    size = scenes[0].image.shape[0] if scenes else 32
+    out: dict = {"n_scenes": len(scenes), "seconds_per_request": seconds / max(len(items), 1)}
+    chance = chance_predictions([gt for _, _, gt, _ in items], rng)
+    groups = {"the_shapes": ["the shapes"], "every_pair": ["present pair", "absent pair"],
+              "present_pair": ["present pair"], "pooled": list(REQUESTS)}
+    for name, kinds in groups.items():
+        idx = [j for j, it in enumerate(items) if it[0] in kinds]
+        m = coco_ap([preds[j] for j in idx], [items[j][2] for j in idx], size)
+        c = coco_ap([chance[j] for j in idx], [items[j][2] for j in idx], size)
+        out[name] = {"ap50": m["ap50"], "ap": m["ap"], "chance_ap50": c["ap50"], "chance_ap": c["ap"],
+                     "requests": len(idx), "boxes": m["n_gt"]}
+    absent = [preds[j] for j, it in enumerate(items) if it[0] == "absent pair"]
+    out["absent_with_a_box_over_0.5"] = float(np.mean([any(s > 0.5 for _, s in p) for p in absent])) if absent else 0.0
+    return out
+
+
+def detection_suite(checkpoint, data, cfg, out=None) -> dict:
+    """`omni eval detection --checkpoint DIR`: :func:`evaluate_detection` on ``cfg.detection.n_scenes``
+    scenes of the toy world's ``cfg.detection.split`` (disjoint from training by content), drawn at the
+    size of the checkpoint's image tokenizer."""
+    from omni.checkpoint import load
+    from omni.toy.shapes import NOVEL_PAIRS, scenes
+
+    if data:
+        raise OmniError("the detection suite makes its scenes from the toy world; it takes no --data")
+    c = cfg.detection
+    model, tok = load(checkpoint, device="cpu")
+    if tok.image is None:
+        raise OmniError(f"{checkpoint}: its bundle has no image tokenizer to read the scenes")
+    size = tok.image.config.image_size
+    sc = scenes(c.n_scenes, c.split, c.seed, size=size, grid=c.grid)
+    return evaluate_detection(model, tok, sc, NOVEL_PAIRS, c.batch_size, c.seed)

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run one evaluation suite and print its figures as JSON (and write DIR/metrics.json "
         "with --out). Suites: image-tokenizer and audio-tokenizer (--checkpoint: a tokenizer folder or "
         "a bundle; --data: held-out images or clips), demo (--checkpoint: a finished `omni demo` folder; "
-        "its scenes are made from its own config; demo.split=validation (default) or test).",
+        "its scenes are made from its own config; demo.split=validation (default) or test), detection "
+        "(--checkpoint: a checkpoint with a <det> head; COCO AP on toy-world scenes of detection.split, "
+        "with chance rows).",
         epilog=help_text(EvalConfig),
         formatter_class=Formatter,
     )

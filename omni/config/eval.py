@@ -54,6 +54,29 @@ class DemoEvalConfig:
 
 
 @dataclass
+class DetectionEvalConfig:
+    """The detection suite (`omni eval detection`): COCO AP of the <det> head on toy-world scenes."""
+
+    split: str = "validation"
+    """Scenes measured: 'validation', where a recipe is tuned, or 'test', reported once (both disjoint
+    from 'train' by content)."""
+    n_scenes: int = 300
+    """Scenes; each gets three requests: "find the shapes", a pair it shows, a pair it lacks."""
+    seed: int = 0
+    """Seed of the scenes and of the requests' pairs."""
+    grid: int = 1
+    """Objects on a grid of this many pixels, as the training scenes were drawn (the demo's: 4)."""
+    batch_size: int = 32
+    """Requests per forward."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", ("validation", "test"))
+        check(self.n_scenes >= 1, "n_scenes", self.n_scenes, ">= 1")
+        check(self.grid >= 1, "grid", self.grid, ">= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
 class EvalConfig:
     """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
 
@@ -63,3 +86,5 @@ class EvalConfig:
     """The audio-tokenizer suite."""
     demo: DemoEvalConfig = field(default_factory=DemoEvalConfig)
     """The demo suite."""
+    detection: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)
+    """The detection suite."""

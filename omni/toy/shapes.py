@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: a tenth of --scenes)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated sample kinds ({', '.join(KINDS)})")
     ap.add_argument("--size", type=int, default=64, help="canvas side in pixels (default 64)")
+    ap.add_argument("--grid", type=int, default=1, help="objects on a grid of this many pixels (default 1; the demo: 4)")
+    ap.add_argument("--order", default="left_to_right", choices=ORDERS, help="object order in captions and stories")
     ap.add_argument("--per-shard", type=int, default=1000, help="scenes per shard (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preview", type=int, default=8, help="PNGs of the first scenes to write (default 8)")
@@ -599,10 +601,12 @@ def main(argv: list[str] | None = None) -> int:
         counts = {}
         for split in SPLITS:
             n = args.scenes if split == "train" else n_heldout
-            counts[split] = len(write_shards(args.out, n, split, args.seed, kinds, args.per_shard, args.size))
+            counts[split] = len(write_shards(args.out, n, split, args.seed, kinds, args.per_shard, args.size,
+                                             grid=args.grid, order=args.order))
         preview = Path(args.out) / "preview"
         preview.mkdir(parents=True, exist_ok=True)
-        for sc in scenes(min(args.preview, args.scenes), "train", args.seed, size=args.size):
+        for sc in scenes(min(args.preview, args.scenes), "train", args.seed, size=args.size, grid=args.grid,
+                         order=args.order):
             from PIL import Image
 
             Image.fromarray(sc.image).save(preview / f"{sc.seed:x}-{sc.caption.replace(' ', '_').replace(',', '')}.png")

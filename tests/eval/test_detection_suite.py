@@ -1,0 +1,56 @@
+"""`omni eval detection`: the three requests of a scene and their ground truth, the suite end to end on a
+checkpoint with a (random-init) detection head, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from conftest import run_cli
+from omni.toy import shapes as toy
+
+
+def test_requests_of_a_scene_and_their_boxes():
+    from omni.eval.detection import requests_of
+
+    rng = np.random.default_rng(0)
+    for seed in toy.scene_seeds(40, "validation", size=32):
+        sc = toy.scene(seed, size=32)
+        (k1, r1, g1), (k2, r2, g2), (k3, r3, g3) = requests_of(sc, rng, toy.NOVEL_PAIRS)
+        assert (k1, r1, k2, k3) == ("the shapes", "find the shapes", "present pair", "absent pair")
+        assert g1 == [tuple(v / 32 for v in o.box) for o in sc.objects]
+        (pair,) = toy.parse_caption(r2[5:])
+        assert pair in sc.pairs and len(g2) == sc.pairs.count(pair)
+        (absent,) = toy.parse_caption(r3[5:])
+        assert absent not in sc.pairs and absent not in toy.NOVEL_PAIRS and g3 == []
+
+
+def test_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, real_tokenizer):
+    from omni.checkpoint import save_checkpoint
+    from omni.config.heads import DetectionHeadConfig, HeadsConfig
+    from omni.decoders.routing import RoutingHeads
+    from omni.model import OmniDecoder
+
+    torch.manual_seed(0)
+    model = OmniDecoder(tiny_model_config)
+    save_checkpoint(tmp_path / "plain", model, tokenizer=real_tokenizer)
+    heads = RoutingHeads(HeadsConfig(det=DetectionHeadConfig(enabled=True, width=32, n_objects=4, n_layers=1,
+                                                             n_heads=2, ffn_dim=64)),
+                         tiny_model_config.dim, real_tokenizer.vocab.specials, (4, 4))
+    save_checkpoint(tmp_path / "det", model, tokenizer=real_tokenizer, heads=heads)
+    rc, out, err = run_cli("eval", "detection", "--checkpoint", tmp_path / "det", "detection.n_scenes=6",
+                           "--out", tmp_path / "m")
+    assert rc == 0, err
+    m = json.loads(out)
+    assert m["n_scenes"] == 6 and m["the_shapes"]["requests"] == 6 and m["every_pair"]["requests"] == 12
+    for group in ("the_shapes", "every_pair", "present_pair", "pooled"):
+        assert 0 <= m[group]["ap50"] <= 1 and 0 <= m[group]["chance_ap50"] <= 1
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == m
+    rc, _, err = run_cli("eval", "detection", "--checkpoint", tmp_path / "plain", "detection.n_scenes=2")
+    assert rc == 2 and "has no detection head" in err and "Traceback" not in err
+    rc, _, err = run_cli("eval", "detection", "--checkpoint", tmp_path / "det", "--data", "x")
+    assert rc == 2 and "takes no --data" in err
+    rc, _, err = run_cli("eval", "detection", "--checkpoint", tmp_path / "det", "detection.split=train")
+    assert rc == 2 and "detection.split" in err
