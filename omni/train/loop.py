@@ -122,6 +122,7 @@ class Trainer:
             self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.parallel)
         self.modality_table = self.tok.vocab.modality_table
+        self.heads = self.heads_opt = None  # the task heads (heads.*): the torch backend builds them
         self._build()  # the backend's model(s) and optimizer; sets dp_rank / dp_world
         self.stream = build_stream(cfg.data, self.tok, self.dp_rank, self.dp_world)
         self.eval_datasets = [TokenDataset(p, self.tok) for p in cfg.data.eval_paths]
@@ -170,7 +171,6 @@ class Trainer:
         those wrappers do not allow; their gradients are averaged over the ranks by hand instead
         (:meth:`_sync_head_grads`). Their gradient is clipped on its own, at the same norm."""
         cfg, tc = self.cfg, self.cfg.train
-        self.heads = self.heads_opt = None
         if not cfg.heads.enabled:
             return
         from omni.decoders.routing import RoutingHeads
