@@ -78,108 +78,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.config.heads import DENOISERS, MAPPERS, OBJECTIVES, DiffusionHeadConfig, check_sampling
 from omni.decoders.base import TaskHead
-from omni.errors import ConfigError, OmniError
+from omni.errors import OmniError
 
-DENOISERS = ("unet", "dit")
-"""``unet``: diffusers' UNet2DConditionModel; ``dit``: diffusers' Transformer2DModel with adaLN-single (PixArt-alpha)."""
-OBJECTIVES = ("flow", "ddpm")
-"""``flow``: flow matching, velocity target, Euler sampler; ``ddpm``: linear-beta DDPM, noise target, DPM-Solver++."""
-MAPPERS = ("linear", "resampler")
-"""How query states become cross-attention tokens (see the module docstring)."""
 TRAIN_TIMESTEPS = 1000
 """Timesteps of the training schedule (both objectives; flow's t = 1000 * sigma)."""
-
-
-@dataclass
-class DiffusionHeadConfig:
-    """Shape, objective and sampler of :class:`DiffusionHead` (defaults: the demo's latent space, 8 x 8 x 16)."""
-
-    dim: int = 128
-    """D: hidden size of the decoder whose query states condition the head."""
-    n_queries: int = 8
-    """K: super-link query states per ``<gen>``; query_states with another K are refused."""
-    channels: int = 16
-    """C: channels of the space diffused in (the tokenizer's embed_dim for its latent; 3 for pixels)."""
-    size: int = 8
-    """S: side of the space diffused in (the tokenizer's code grid; the image side for pixels)."""
-    unshuffle: int = 1
-    """p: pixel-unshuffle factor before the denoiser (S/p x S/p cells of C*p*p channels): a cheaper
-    denoiser on pixels. 1 for the latent."""
-    denoiser: str = "unet"
-    """One of :data:`DENOISERS`."""
-    widths: tuple[int, ...] = (64, 128)
-    """unet: block_out_channels, one down and one up block per entry (all with cross-attention);
-    dit: only widths[0] is read, the transformer's width (heads * head_dim)."""
-    layers: int = 1
-    """unet: layers_per_block; dit: transformer blocks."""
-    head_dim: int = 32
-    """Attention head size of the denoiser's attention layers (width / head_dim heads)."""
-    patch: int = 1
-    """dit: patch size (S/p must be a multiple); unet: unused."""
-    cross_dim: int = 64
-    """X: cross-attention width (the mapper's output)."""
-    mapper: str = "linear"
-    """One of :data:`MAPPERS`."""
-    n_latents: int = 16
-    """M of the resampler (learned latents); the linear mapper keeps M = K."""
-    cond_dropout: float = 0.1
-    """Share of training rows whose condition is replaced by the learned null condition (classifier-free guidance)."""
-    objective: str = "flow"
-    """One of :data:`OBJECTIVES`."""
-    guidance: float = 1.0
-    """Default classifier-free guidance scale of :meth:`DiffusionHead.sample` (1: conditional only; >= 0)."""
-    steps: int = 20
-    """Default sampling steps of :meth:`DiffusionHead.sample` (>= 1)."""
-
-    def __post_init__(self):
-        self.widths = tuple(self.widths)
-        self.check()
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
-        for name in ("dim", "n_queries", "channels", "size", "unshuffle", "layers", "head_dim", "patch",
-                     "cross_dim", "n_latents", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"diffusion head {name}={value!r} is invalid: expected a positive integer")
-        if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
-            raise ConfigError(f"diffusion head widths={self.widths!r} is invalid: expected positive integers")
-        for name, value, allowed in (("denoiser", self.denoiser, DENOISERS), ("objective", self.objective, OBJECTIVES),
-                                     ("mapper", self.mapper, MAPPERS)):
-            if value not in allowed:
-                raise ConfigError(f"diffusion head {name}={value!r} is invalid: choose from {', '.join(allowed)}")
-        if self.size % self.unshuffle:
-            raise ConfigError(f"diffusion head size={self.size} is not a multiple of unshuffle={self.unshuffle}")
-        side = self.size // self.unshuffle
-        if self.denoiser == "unet":
-            down = 2 ** (len(self.widths) - 1)
-            if side % down:
-                raise ConfigError(f"diffusion head: a {len(self.widths)}-level UNet halves the side "
-                                  f"{len(self.widths) - 1} times; size/unshuffle={side} is not a multiple of {down}")
-            if any(w % self.head_dim for w in self.widths):
-                raise ConfigError(f"diffusion head widths={self.widths} must be multiples of head_dim={self.head_dim}")
-            if any(w % 32 for w in self.widths):  # diffusers' GroupNorm groups: 32 by default, kept
-                raise ConfigError(f"diffusion head widths={self.widths} must be multiples of 32 (GroupNorm groups)")
-        else:
-            if side % self.patch:
-                raise ConfigError(f"diffusion head size/unshuffle={side} is not a multiple of patch={self.patch}")
-            if self.widths[0] % self.head_dim:
-                raise ConfigError(f"diffusion head widths[0]={self.widths[0]} must be a multiple of "
-                                  f"head_dim={self.head_dim}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ConfigError(f"diffusion head cond_dropout={self.cond_dropout} is invalid: expected 0 <= p < 1")
-        check_sampling(self.guidance, self.steps)
-
-
-def check_sampling(guidance, steps) -> None:
-    """Refuse a guidance scale < 0 (or not finite) and a step count < 1, with the reason."""
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0 \
-            or guidance == float("inf"):
-        raise ConfigError(f"diffusion guidance={guidance!r} is invalid: expected a finite scale >= 0 "
-                          "(1: conditional only, 0: unconditional, > 1: classifier-free guidance)")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError(f"diffusion steps={steps!r} is invalid: expected a positive integer of sampler steps")
 
 
 @dataclass

@@ -182,20 +182,38 @@ class RoutingHeads(nn.Module):
     the detection head reads).
     """
 
-    def __init__(self, cfg, dim: int, token_ids: dict[str, int], image_grid: tuple[int, int] | None = None):
+    def __init__(self, cfg, dim: int, token_ids: dict[str, int], image_grid: tuple[int, int] | None = None,
+                 image_tokenizer=None):
+        import dataclasses
+
         from omni.decoders.base import head_class
 
         super().__init__()
         if not cfg.enabled:
-            raise OmniError("no head is enabled (heads.det.enabled=true enables the detection head)")
-        self.cfg, self.dim, self.grid = cfg, dim, None if image_grid is None else tuple(image_grid)
+            raise OmniError("no head is enabled (heads.det.enabled=true or heads.gen.enabled=true enables one)")
+        self.dim, self.grid = dim, None if image_grid is None else tuple(image_grid)
         self.boi, self.eoi = int(token_ids["<boi>"]), int(token_ids["<eoi>"])
         self.queries = SuperLinkQueries(dim, cfg.enabled, token_ids)
         self.heads = nn.ModuleDict()
+        if (cfg.det.enabled or cfg.gen.enabled) and self.grid is None:
+            raise OmniError("the task heads read or make image blocks: the tokenizer bundle has no image tokenizer")
         if cfg.det.enabled:
-            if self.grid is None:
-                raise OmniError("the detection head reads image tokens: the tokenizer bundle has no image tokenizer")
             self.heads["det"] = head_class("detr")(dim, cfg.det)
+        if cfg.gen.enabled:
+            gen = cfg.gen
+            if image_tokenizer is not None:  # a new run: the head diffuses in this tokenizer's latent
+                h, w = self.grid
+                if h != w:
+                    raise OmniError(f"the diffusion head diffuses square latents; the image grid is {h}x{w}")
+                gen = dataclasses.replace(gen, dim=dim, channels=image_tokenizer.config.embed_dim, size=h)
+                cfg = dataclasses.replace(cfg, gen=gen)
+            self.heads["gen"] = head_class("diffusion")(gen)
+            if image_tokenizer is not None:
+                from omni.decoders.diffusion import LatentStats, code_vectors
+
+                table = code_vectors(image_tokenizer).float()  # [n_codes, E]: normalize by the codebook's spread
+                self.heads["gen"].set_latent_stats(LatentStats(table.mean(0), table.std(0).clamp_min(1e-6)))
+        self.cfg = cfg  # with the gen head's dimensions resolved: what heads.yaml records
 
     def find(self, ids: torch.Tensor) -> list[Route]:
         return self.queries.find(ids)
@@ -213,15 +231,43 @@ class RoutingHeads(nn.Module):
             out.append(hidden[r.row, span])
         return torch.stack(out)
 
+    def gen_codes(self, ids: torch.Tensor, routes: list[Route], code_of) -> torch.Tensor:
+        """The codes [R, h, w] of the image block right after each ``<gen>`` route's slots (what its head
+        should make); ``code_of`` maps image ids to codes (the vocabulary's ``id_to_code``)."""
+        h, w = self.grid
+        out = []
+        for r in routes:
+            at = r.slots.stop
+            block = ids[r.row, at : at + h * w + 2]
+            if len(block) != h * w + 2 or int(block[0]) != self.boi or int(block[-1]) != self.eoi:
+                raise OmniError(f"{r.name} at position {r.token} is not followed by a whole image block after its "
+                                "slots: a <gen> document holds the image its head should make")
+            out.append(code_of(block[1:-1]).reshape(h, w))
+        return torch.stack(out)
+
+    def gen_latents(self, image_tokenizer, codes: torch.Tensor) -> torch.Tensor:
+        """codes [R, h, w] -> the diffusion head's targets: the code vectors [R, E, h, w], normalized."""
+        with torch.no_grad():
+            z = image_tokenizer.lookup(codes.to(next(image_tokenizer.parameters()).device))
+        return self.heads["gen"].latent_stats.normalize(z.float())
+
     def losses(self, hidden: torch.Tensor, ids: torch.Tensor, routes: list[Route], det_boxes: list[torch.Tensor],
-               doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               doc_ids: torch.Tensor | None = None, gen_latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The heads' named loss terms for the ``routes`` of a batch (final hidden states [B, T, D]).
 
         ``det_boxes``: the ground truth of each ``<det>`` route in order, float [n, 4] (x0, y0, x1, y1)
-        in [0, 1]. Terms are named by head (``det_ce``, ``det_l1``, ``det_giou``); {} without routes."""
+        in [0, 1]; ``gen_latents``: the targets of the ``<gen>`` routes in order, [R, E, h, w]
+        (:meth:`gen_latents`). Terms are named by head (``det_ce``, ``det_l1``, ``det_giou``,
+        ``gen_diffusion``); {} without routes."""
         from omni.decoders.boxes import xyxy_to_cxcywh
 
         terms: dict[str, torch.Tensor] = {}
+        gen = [r for r in routes if r.name == "<gen>"]
+        if gen and "gen" in self.heads:
+            if gen_latents is None or len(gen_latents) != len(gen):
+                raise OmniError(f"{len(gen)} <gen> routes but {0 if gen_latents is None else len(gen_latents)} targets")
+            out = self.heads["gen"](self.queries.gather(hidden, gen)["<gen>"], target=gen_latents.to(hidden.device))
+            terms.update(self.heads["gen"].loss(out))
         det = [r for r in routes if r.name == "<det>"]
         if det and "det" in self.heads:
             if len(det_boxes) != len(det):
@@ -244,6 +290,18 @@ class RoutingHeads(nn.Module):
         out = self.heads["det"](self.queries.gather(hidden, det)["<det>"],
                                 self.image_states(hidden, ids, det, doc_ids), grid=self.grid)
         return self.heads["det"].predict(out, threshold)
+
+
+    @torch.no_grad()
+    def make_image(self, hidden: torch.Tensor, route: Route, image_tokenizer, generator=None,
+                   guidance: float | None = None, steps: int | None = None) -> torch.Tensor:
+        """The codes [h, w] of the image the diffusion head makes for one ``<gen>`` route: a sample in the
+        tokenizer's latent, snapped to the nearest code at each cell (an ordinary image block)."""
+        from omni.decoders.diffusion import latent_to_codes
+
+        head = self.heads["gen"]
+        z = head.sample(self.queries.gather(hidden, [route])["<gen>"], generator, guidance, steps)
+        return latent_to_codes(image_tokenizer, z, head.latent_stats)[0]
 
 
 def save_heads(heads: RoutingHeads, directory) -> None:

@@ -72,6 +72,10 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"heads.det.n_queries={cfg.heads.det.n_queries} but data.preprocess.det_queries="
                           f"{cfg.data.preprocess.det_queries}: the data carries K slots after each <det>, one per "
                           "super-link query; set both alike")
+    if cfg.heads.gen.enabled and cfg.heads.gen.n_queries != cfg.data.preprocess.gen_queries:
+        raise ConfigError(f"heads.gen.n_queries={cfg.heads.gen.n_queries} but data.preprocess.gen_queries="
+                          f"{cfg.data.preprocess.gen_queries}: the data carries K slots after each <gen>, one per "
+                          "super-link query; set both alike")
     if cfg.train.eval_every and not cfg.data.eval_paths:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out token datasets: set "
                           "data.eval_paths=[DIR,...] (or train.eval_every=0)")

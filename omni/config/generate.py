@@ -84,8 +84,16 @@ class GenerateConfig:
     """A model with a detection head (``model.heads``): the score a box needs to be kept when the model
     emits ``<det>`` (the head's object probability, 0..1)."""
 
+    gen_guidance: float = 1.0
+    """A model with a diffusion head: its classifier-free guidance scale when the model emits ``<gen>``
+    (1: conditional only; > 1 pushes the sample toward the condition)."""
+    gen_steps: int = 20
+    """A model with a diffusion head: its sampler steps per image."""
+
     def __post_init__(self) -> None:
         check(0.0 <= self.det_threshold <= 1.0, "det_threshold", self.det_threshold, "in [0, 1]")
+        check(self.gen_guidance >= 0.0, "gen_guidance", self.gen_guidance, ">= 0")
+        check(self.gen_steps >= 1, "gen_steps", self.gen_steps, ">= 1")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
         check(self.max_images >= 0, "max_images", self.max_images, ">= 0")
         check(0 <= self.min_images <= max(self.max_images, 0), "min_images", self.min_images,

@@ -20,9 +20,12 @@ class LossWeights:
     det: float = 1.0
     """Weight of the detection head's loss (its weighted DETR terms; ``heads.det.enabled``), added to
     the LM loss; it is a mean over the global batch's ``<det>`` routes."""
+    gen: float = 1.0
+    """Weight of the diffusion head's loss (``heads.gen.enabled``), added to the LM loss; a mean over
+    the global batch's ``<gen>`` routes."""
 
     def __post_init__(self) -> None:
-        for name in ("text", "image", "audio", "det"):
+        for name in ("text", "image", "audio", "det", "gen"):
             v = getattr(self, name)
             check(v >= 0, name, v, ">= 0")
 

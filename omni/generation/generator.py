@@ -21,7 +21,10 @@ at once (other rows feed their token and K padding positions no one attends to),
 the queries and what follows attends to them; from then on positions are passed explicitly. The
 detection head reads the row's query states and its last image's states (one forward over the
 row, the same as the cached ones: tests/decoders/test_routing.py) and its boxes fill the
-``Detect`` segment of the returned document.
+``Detect`` segment of the returned document. ``<gen>`` (room for an image block left): the diffusion
+head samples a latent from the row's query states (``gen_guidance``, ``gen_steps``, seeded), snapped
+to codes; that image block is then emitted as if sampled, so it enters the cache as an ordinary image
+and the document continues after it.
 
 Reranking (``rerank: N``): every prompt is sampled N times (rows ``i * N + k``, which is what
 ``on_token`` / ``on_segment`` see), then each candidate is scored by the same model reading the
@@ -183,13 +186,15 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                  f"takes {ids.shape[1]}" if max_new < config.max_new_tokens else "")
     state = DecodeState(v, B, max_new, config, n_image)
     heads = getattr(model, "heads", None)
-    # routing id -> (name, K) of the heads the model has (<det> for now)
-    routing = {} if heads is None or "det" not in heads.heads else {
-        heads.queries.token_ids["<det>"]: ("<det>", heads.queries.n_queries["<det>"])}
+    # routing id -> (name, K) of the heads the model has
+    routing = {} if heads is None else {heads.queries.token_ids[n]: (n, k) for n, k in heads.queries.n_queries.items()}
     for r, prompt_ids in zip(state.rows, cond):
         r.prompt_images = sum(b.closed and b.kind == IMAGE_MODE for b in v.blocks(prompt_ids.tolist()))
     found: list[list[tuple]] = [[] for _ in range(B)]
-    constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None, tuple(routing))
+    forced: list[list[int]] = [[] for _ in range(B)]  # ids a row must emit next: the image a <gen> head made
+    ids_of = {n: i for i, (n, _) in routing.items()}
+    constraint = ModalityConstraint(v, config, tok.image is not None, tok.audio is not None,
+                                    det=ids_of.get("<det>"), gen=ids_of.get("<gen>") if tok.image is not None else None)
     sampler = ModalitySampler(config, torch.Generator().manual_seed(config.seed))
 
     def emit(nxt: torch.Tensor) -> None:  # nxt [B]: advance every row's state, stream
@@ -215,6 +220,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
             nxt = sampler(constraint(step_logits, state), state)  # [B]
         else:  # chosen by the last Jacobi window, not fed yet
             nxt, pending = torch.tensor(pending), None
+        for b in range(B):
+            if forced[b]:  # the diffusion head's image block enters as if sampled (the state machine counts it)
+                nxt[b] = forced[b].pop(0)
         done_before = [r.mode == "done" for r in state.rows]
         emit(nxt)
         if state.finished:
@@ -223,10 +231,17 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         if route:
             logits = _routing_step(model, heads, nxt, route, cache, guidance.active, v)
             explicit = True
-            for b in route:
-                found[b].append(_run_head(model, heads, cond[b], state.rows[b].tokens, routing, config, device))
+            for b, (name, _) in route.items():
+                hidden, row_ids, r = _route_states(model, heads, cond[b], state.rows[b].tokens, routing, device)
+                if name == "<det>":
+                    (pred,) = heads.predict(hidden, row_ids, [r], config.det_threshold)
+                    found[b].append(([x for x, _ in pred], [sc for _, sc in pred]))
+                else:  # seeded per prompt row and image: the same inputs make the same picture
+                    g = torch.Generator().manual_seed(config.seed * 1_000_003 + b * 1009 + state.rows[b].images)
+                    codes = heads.make_image(hidden, r, tok.image, g, config.gen_guidance, config.gen_steps)
+                    forced[b] = v.block("image", codes.cpu())
             continue
-        w = _jacobi_width(state, config.jacobi)
+        w = 0 if any(forced) else _jacobi_width(state, config.jacobi)
         if w:
             guesses, dists = drafts.window(nxt.tolist(), w)
             feed = torch.cat([nxt[:, None], torch.tensor(guesses)], 1)  # [B, 1 + w]
@@ -295,10 +310,10 @@ def _routing_step(model, heads, nxt: torch.Tensor, route: dict, cache, cfg_rows:
     return out.logits[torch.arange(feed.shape[0], device=device), last.to(device)].float().cpu()
 
 
-def _run_head(model, heads, prompt_ids: torch.Tensor, generated: list[int], routing: dict, config,
-              device) -> tuple[list, list]:
-    """(boxes, scores) of the routing token that ends ``generated``: one forward over the row (prompt,
-    then the generated tokens with the slots fed after each routing token), its last route's head."""
+def _route_states(model, heads, prompt_ids: torch.Tensor, generated: list[int], routing: dict, device):
+    """(final hidden states [1, T, D] float32, ids [1, T], route) of the routing token that ends
+    ``generated``: one forward over the row (the prompt, then the generated tokens with the slots fed
+    after each routing token), equal to the cached states (tests/decoders/test_routing.py)."""
     seq = prompt_ids.tolist()
     for t in generated:
         seq.append(t)
@@ -307,8 +322,7 @@ def _run_head(model, heads, prompt_ids: torch.Tensor, generated: list[int], rout
     ids = torch.tensor([seq], device=device)
     routes = heads.find(ids)
     hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
-    (pred,) = heads.predict(hidden, ids, routes[-1:], config.det_threshold)
-    return [b for b, _ in pred], [s for _, s in pred]
+    return hidden, ids, routes[-1]
 
 
 def _jacobi_width(state: DecodeState, k: int) -> int:

@@ -142,17 +142,18 @@ class DecodeState:
 class ModalityConstraint:
     """Mask logits [B, V] to the ids each row's state allows (-inf elsewhere).
 
-    ``routing``: the routing tokens the model has heads for (ids); one is allowed in text once the row
-    holds an image to read (in its prompt or made by then): without a head, or without an image, the
-    model cannot emit one."""
+    ``det`` / ``gen``: the routing token of the detection / diffusion head when the model has that head
+    (else None). ``<det>`` is allowed in text once the row holds an image to read (in its prompt or
+    made by then); ``<gen>`` when an image block (which the head makes and the row then holds) still
+    fits, as ``<boi>`` is. Without a head the model cannot emit its token."""
 
     def __init__(self, vocab, config: GenerateConfig, has_image: bool, has_audio: bool,
-                 routing: tuple[int, ...] = ()):
+                 det: int | None = None, gen: int | None = None):
         table = vocab.modality_table
         from omni.vocab import AUDIO, IMAGE, TEXT
 
         self.config, self.has_image, self.has_audio = config, has_image, has_audio
-        self.routing = routing
+        self.det, self.gen = det, gen
         self.text_ids = table == TEXT
         self.image_ids = table == IMAGE
         self.audio_ids = table == AUDIO
@@ -193,11 +194,13 @@ class ModalityConstraint:
         text_fits = R - 1 >= need
         allow = self.text_ids.clone() if cfg.allow_text and text_fits else torch.zeros(V, dtype=torch.bool)
         allow[state.eos] = oi == 0 and oa == 0  # no <eos> while a block is owed
-        if self.routing and text_fits and r.images + r.prompt_images > 0:
-            allow[list(self.routing)] = True  # one sampled token: its slots are fed, not sampled
+        if self.det is not None and text_fits and r.images + r.prompt_images > 0:
+            allow[self.det] = True  # one sampled token: its slots are fed, not sampled
         if (self.has_image and cfg.allow_images and r.images < cfg.max_images
                 and R >= n_img + 2 + owed_tokens(max(0, oi - 1), oa, n_img)):
             allow[state.boi] = True  # N codes + <eoi> fit, and so do the blocks still owed after it
+            if self.gen is not None and R >= n_img + 3 + owed_tokens(max(0, oi - 1), oa, n_img):
+                allow[self.gen] = True  # <gen>, then the head's image block
         if self.has_audio and cfg.allow_audio and R >= MIN_AUDIO_BLOCK + owed_tokens(oi, max(0, oa - 1), n_img):
             allow[state.boa] = True  # one code + <eoa> fit, and so do the blocks still owed after it
         if not allow.any():  # only without check_budget's start (a processor used alone): give up, do not crash

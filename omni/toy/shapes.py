@@ -35,7 +35,9 @@ triangle"), which no training image, caption, transcript or story shows.
 * ``detect``: ``KEY.json`` + ``KEY.0.png``, a request, the scene's image and a ``det`` segment with
   the boxes that answer it (:func:`detection_request`): "find the shapes" (every object) or "find
   every red circle" (the objects of that pair; a pair the scene lacks, answered by no box, a third
-  of the time).
+  of the time);
+* ``generate``: ``KEY.json`` + ``KEY.0.png``, the caption and a ``gen`` segment naming the scene's
+  image (the diffusion head's target).
 
 For scoring generated text, :func:`parse_caption` reads ``(color, shape)`` pairs back out of a
 caption and :func:`caption_accuracy` compares predicted captions with the truth.
@@ -74,7 +76,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 """Color names and the one RGB each is drawn with."""
 SHAPES = ("circle", "square", "triangle")
 """Shape names."""
-KINDS = ("caption", "speech", "story", "spoken", "detect")
+KINDS = ("caption", "speech", "story", "spoken", "detect", "generate")
 """Sample kinds :func:`write_shards` can write (see the module docstring)."""
 ORDERS = ("left_to_right", "reading")
 """Orders objects (and so captions and stories) can come in: by box center left to right, or in
@@ -526,6 +528,9 @@ def samples(sc: Scene, key: str, kinds: Sequence[str] = KINDS, sample_rate: int 
             # the request first: the image's tokens then attend to it (shared/notes/heads-calibration.md)
             doc = {"segments": [{"text": request, "prompt": True}, {"image": "0.png", "prompt": True},
                                 {"det": {"boxes": [list(b) for b in boxes], "phrase": phrase}}]}
+            out.append({"__key__": k, "json": json.dumps(doc).encode(), "0.png": _png(sc.image)})
+        elif kind == "generate":
+            doc = {"segments": [{"text": sc.caption}, {"gen": "0.png"}]}
             out.append({"__key__": k, "json": json.dumps(doc).encode(), "0.png": _png(sc.image)})
         else:
             raise OmniError(f"unknown sample kind {kind!r}; choose from {', '.join(KINDS)}")

@@ -72,6 +72,10 @@ def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -
     return base * lw[modality_table[batch["labels"]].long()]
 
 
+HEAD_OF = {"<det>": "det", "<gen>": "gen"}
+"""Routing token -> its head's key (``heads.<key>``, ``train.loss_weights.<key>``)."""
+
+
 def _routing_slots(datasets, cfg: RunConfig) -> dict[str, int]:
     """Routing token -> K of the token datasets that hold routed documents (each written with its
     ``data.preprocess`` K, in its manifest); the heads' K must agree."""
@@ -90,14 +94,14 @@ def _routing_slots(datasets, cfg: RunConfig) -> dict[str, int]:
     heads = cfg.heads.enabled
     for name, k in heads.items():
         if name in slots and slots[name] != k:
-            key = {"<det>": "det"}[name]
+            key = HEAD_OF[name]
             raise OmniError(f"heads.{key}.n_queries={k} but the token datasets carry {slots[name]} slots after each "
                             f"{name} (preprocessed with data.preprocess.{key}_queries={slots[name]}); set "
                             f"heads.{key}.n_queries={slots[name]} or preprocess again")
         if name not in slots:
-            key = {"<det>": "det"}[name]
+            key = HEAD_OF[name]
             raise OmniError(f"heads.{key}.enabled but no token dataset of data.paths holds a {name} document: the head "
-                            "would never train (preprocess data with det segments, docs/data.md)")
+                            f"would never train (preprocess data with {key} segments, docs/data.md)")
     return slots
 
 
@@ -177,7 +181,8 @@ class Trainer:
 
         grid = self.tok.vocab.image_grid or (self.tok.image.grid if self.tok.image is not None else None)
         torch.manual_seed(cfg.seed + 1)  # identical on every rank, independent of the decoder's init
-        self.heads = RoutingHeads(cfg.heads, cfg.model.dim, self.tok.vocab.specials, grid).to(self.info.device)
+        self.heads = RoutingHeads(cfg.heads, cfg.model.dim, self.tok.vocab.specials, grid,
+                                  image_tokenizer=self.tok.image).to(self.info.device)
         self.heads_opt = torch.optim.AdamW(_param_groups(self.heads, tc.weight_decay), lr=tc.lr,
                                            betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False)
 
@@ -193,7 +198,7 @@ class Trainer:
         average_gradients(params)
         unused = [name for name in self.heads.queries.n_queries if not n_routes.get(name)]
         for name in unused:
-            head = {"<det>": "det"}[name]
+            head = HEAD_OF[name]
             for q in [self.heads.queries.queries[name.strip("<>")], *self.heads.heads[head].parameters()]:
                 q.grad = None
 
@@ -449,13 +454,20 @@ class Trainer:
         gradients are averaged over the ranks, and so are the heads', :meth:`_sync_head_grads`)."""
         tc = self.cfg.train
         det = [r for r in routes if r.name == "<det>"]
+        gen = [r for r in routes if r.name == "<gen>"]
         boxes = [torch.from_numpy(b) for b in self.stream.det_boxes(batch["spans"], batch["input_ids"], det)]
-        terms = self.heads.losses(hidden.float(), ids, routes, boxes, doc_ids)
+        latents = None
+        if gen and "gen" in self.heads.heads:
+            codes = self.heads.gen_codes(batch["input_ids"], gen, self.tok.vocab.id_to_code)
+            latents = self.heads.gen_latents(self.tok.image, codes)
+        terms = self.heads.losses(hidden.float(), ids, routes, boxes, doc_ids, gen_latents=latents)
         total = hidden.new_zeros((), dtype=torch.float32)
         for name, value in terms.items():
-            share = len(det) / max(n_routes.get("<det>", 0), 1)  # det_* are the only terms so far
+            key = name.split("_")[0]  # det_ce -> det, gen_diffusion -> gen
+            mine = det if key == "det" else gen
+            share = len(mine) / max(n_routes.get(f"<{key}>", 0), 1)
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
-            total = total + tc.loss_weights.det * value * share * self.info.world
+            total = total + getattr(tc.loss_weights, key) * value * share * self.info.world
         return total
 
     # --- validation ----------------------------------------------------------------------

@@ -142,3 +142,37 @@ def test_page_draws_the_boxes_over_the_image_in_chromium(tmp_path):
     labels, count = ndimage.label(magenta)
     sizes = np.asarray(ndimage.sum(magenta, labels, range(1, count + 1)))
     assert int((sizes > 50).sum()) == len(boxes), sizes
+
+
+def test_gen_step_makes_an_image_block_that_enters_the_cache(monkeypatch, tiny_model_config, real_tokenizer):
+    """<gen>: the diffusion head samples from the row's query states; its image (snapped to codes) is
+    emitted as an ordinary image block, so the document holds Generate, Image and then the text the
+    model writes after it, whose logits equal a full forward over the prompt, <gen>, slots and block."""
+    from omni.config.heads import DiffusionHeadConfig
+
+    tok = real_tokenizer
+    torch.manual_seed(0)
+    model = OmniDecoder(tiny_model_config).eval()
+    model.set_modality_table(tok.vocab.modality_table)
+    cfg = HeadsConfig(gen=DiffusionHeadConfig(enabled=True, n_queries=3, widths=(32,), layers=1, head_dim=32,
+                                              cross_dim=32, steps=2))
+    model.heads = RoutingHeads(cfg, tiny_model_config.dim, tok.vocab.specials, (4, 4), image_tokenizer=tok.image).eval()
+    word = tok.encode_text(" done")[0]
+    n = 16 + 2  # the forced image block: <boi>, 4x4 codes, <eoi>
+    seen = _script(monkeypatch, [["<gen>"] + [word] * n + [word, "<eos>"]], tok)
+    doc = omni.generate(model, tok, "a red circle", max_new_tokens=n + 4, gen_steps=2)
+    assert [type(s).__name__ for s in doc.segments] == ["Generate", "Image", "Text"]
+    assert torch.isfinite(seen[0][0, tok.vocab.special("<gen>")])  # a head and room for an image: allowed
+
+    prompt = tok.encode(omni.Document([omni.Text("a red circle")]))
+    gen_ids = torch.tensor([tok.vocab.special("<gen>")] + [tok.vocab.special("<pad>")] * 3)
+    ids = torch.cat([prompt, gen_ids])[None]
+    with torch.no_grad():
+        routes = model.heads.find(ids)
+        hidden = model(ids, splice=model.heads.queries.splicer(routes), return_hidden=True).hidden.float()
+        codes = model.heads.make_image(hidden, routes[-1], tok.image, torch.Generator().manual_seed(0), 1.0, 2)
+        block = torch.tensor(tok.vocab.block("image", codes))
+        full = model(torch.cat([ids[0], block])[None], splice=model.heads.queries.splicer(routes))
+    torch.testing.assert_close(doc.segments[1].pixels, tok.image.decode(codes[None])[0].clamp(0, 1))
+    ok = torch.isfinite(seen[n + 1][0])  # the step after the block: its logits come from the cache
+    torch.testing.assert_close(seen[n + 1][0][ok], full.logits[0, -1].float()[ok], rtol=1e-4, atol=1e-4)

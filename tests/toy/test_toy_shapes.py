@@ -158,7 +158,7 @@ def test_parse_caption_round_trips_and_accuracy_is_defined_on_multisets():
 
 def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, real_tokenizer):
     from omni.data.samples import parse_sample
-    from omni.document import Audio, Detect, Image, Text
+    from omni.document import Audio, Detect, Generate, Image, Text
 
     paths = toy.write_shards(tmp_path / "raw", 5, "train", scenes_per_shard=3)
     assert [p.name for p in paths] == ["shapes-train-000.tar", "shapes-train-001.tar"]
@@ -191,6 +191,10 @@ def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, r
         request, det = doc.segments[0].text, doc.segments[2]
         want = [o for o in sc.objects if request == "find the shapes" or request == f"find every {o.color} {o.shape}"]
         assert det.boxes == [tuple(v / 64 for v in o.box) for o in want] and det.phrase == request[5:]
+    for s, seed in zip(by_kind["generate"], seeds):  # the caption, <gen>, the scene as the image it makes
+        doc = parse_sample(s).doc
+        assert [type(x) for x in doc.segments] == [Text, Generate, Image]
+        assert doc.segments[0].text == toy.scene(seed).caption
 
     # only the kinds asked for; test shards hold the test split's scenes
     held = toy.write_shards(tmp_path / "held", 2, "test", kinds=["caption"])
@@ -203,7 +207,7 @@ def test_shards_are_read_by_parse_sample_and_by_omni_data_preprocess(tmp_path, r
     assert rc == 0, err
     totals = json.loads((tmp_path / "tok" / "manifest.json").read_text())["totals"]
     assert totals["skipped"] == {} and totals["documents"] == 5 * len(toy.KINDS)
-    n_images = 5 * 3 + sum(len(toy.scene(s).objects) for s in seeds)  # caption + spoken + detect + story images
+    n_images = 5 * 4 + sum(len(toy.scene(s).objects) for s in seeds)  # caption, spoken, detect, generate + story
     assert totals["tokens"]["image"] == n_images * 16  # 4x4 codes each
     assert totals["tokens"]["audio"] > 0
 

@@ -119,3 +119,51 @@ def test_bad_head_configs_are_refused(tmp_path, det_run, text_tokenizer):
     write_text_tokens(det_run / "tok", tmp_path / "text", ["plain text without any routing token"])
     rc, _, err = run_cli("train", str(recipe), "--quiet", f"data.paths=[{tmp_path / 'text'}]")
     assert rc == 2 and "no token dataset of data.paths holds a <det> document" in err, err
+
+
+GEN = {"enabled": True, "n_queries": 4, "widths": [32], "layers": 1, "head_dim": 32, "cross_dim": 32, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, real_tokenizer):
+    """The same bundle and 24 scenes' generation documents (caption, <gen>, the scene), K = 4."""
+    from omni.config.data import PreprocessConfig
+    from omni.data.preprocess import preprocess
+    from omni.toy.shapes import write_shards
+
+    root = tmp_path_factory.mktemp("gen")
+    real_tokenizer.save(root / "tok")
+    write_shards(root / "raw", 24, "train", kinds=("generate",), size=32)
+    preprocess([str(root / "raw")], root / "tok", root / "tokens", PreprocessConfig(gen_queries=4), progress=False)
+    return root
+
+
+def _gen_recipe(root: Path, out: Path, **train) -> Path:
+    path = _recipe(root, out, heads={"enabled": False}, **train)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["heads"]["gen"] = GEN
+    cfg["data"]["preprocess"] = {"gen_queries": 4}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_diffusion_head_trains_on_gen_documents_and_resumes_bit_identical(tmp_path, gen_run):
+    """heads.gen: the head diffuses in the image tokenizer's latent (its size and channels come from the
+    bundle), its loss is logged, it is saved with its latent statistics, and a resumed run ends with the
+    weights of an uninterrupted one."""
+    import omni
+    from omni.decoders.diffusion import DiffusionHead
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    rc, _, err = run_cli("train", str(_gen_recipe(gen_run, whole, save_every=2)), "--quiet")
+    assert rc == 0, err
+    rows = _rows(whole)
+    assert all(r["routes_gen"] > 0 and r["gen_diffusion"] > 0 for r in rows) and "det_ce" not in rows[0]
+    assert run_cli("train", str(_gen_recipe(gen_run, split, save_every=2)), "--quiet", "train.steps=2")[0] == 0
+    assert run_cli("train", str(_gen_recipe(gen_run, split, save_every=2)), "--quiet")[0] == 0
+    for name in ("model.safetensors", "heads.safetensors"):
+        assert (whole / "step_000004" / name).read_bytes() == (split / "step_000004" / name).read_bytes(), name
+    model, tok = omni.load(whole, device="cpu")
+    head = model.heads.heads["gen"]
+    assert isinstance(head, DiffusionHead) and (head.cfg.size, head.cfg.channels) == (4, 8)  # 4x4 codes of dim 8
+    assert head.latent_std.min() > 0 and not torch.equal(head.latent_std, torch.ones_like(head.latent_std))
