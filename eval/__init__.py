@@ -8,7 +8,8 @@
 * :mod:`omni.eval.demo`: the any-to-any suite of ``omni demo`` (caption <-> image, speech <-> text,
   stories), judged on scenes disjoint from training by content;
 * :mod:`omni.eval.detection`: COCO AP of the ``<det>`` head (pycocotools), its chance row, and the
-  detection suite on toy-world scenes.
+  detection suite on toy-world scenes;
+* :mod:`omni.eval.gen_head`: the images of the ``<gen>`` head for held-out captions, judged.
 
 :data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
 runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an
@@ -29,6 +30,7 @@ SUITES = Registry("evaluation suite", "suites", {
     "audio-tokenizer": "omni.eval.tokenizers:audio_suite",
     "demo": "omni.eval.demo:demo_suite",
     "detection": "omni.eval.detection:detection_suite",
+    "gen-head": "omni.eval.gen_head:gen_head_suite",
 })
 """Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
 

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a bundle; --data: held-out images or clips), demo (--checkpoint: a finished `omni demo` folder; "
         "its scenes are made from its own config; demo.split=validation (default) or test), detection "
         "(--checkpoint: a checkpoint with a <det> head; COCO AP on toy-world scenes of detection.split, "
-        "with chance rows).",
+        "with chance rows), gen-head (--checkpoint: a checkpoint with a <gen> head; gen.judge=JUDGE_DIR; "
+        "its images for held-out captions, judged).",
         epilog=help_text(EvalConfig),
         formatter_class=Formatter,
     )

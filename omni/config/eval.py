@@ -77,6 +77,36 @@ class DetectionEvalConfig:
 
 
 @dataclass
+class GenHeadEvalConfig:
+    """The gen-head suite (`omni eval gen-head`): images the <gen> head makes for held-out captions, judged."""
+
+    judge: str = ""
+    """A trained toy-world judge's folder (an `omni demo` folder's judge/); required."""
+    split: str = "validation"
+    """Scenes measured: 'validation' (tune here) or 'test' (report once); both disjoint from 'train'."""
+    n_scenes: int = 120
+    """Captions to draw (a caption per scene; one to three objects each)."""
+    grid: int = 1
+    """Objects on a grid of this many pixels, as the training scenes were drawn (the demo's: 4)."""
+    order: str = "left_to_right"
+    """The order captions name objects in, as in training (the demo's: 'reading')."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale of the head's sampler (1: conditional only)."""
+    steps: int = 20
+    """Sampler steps per image."""
+    seed: int = 0
+    """Seed of the scenes and of the sampler's noise."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", ("validation", "test"))
+        check_choice(self.order, "order", ("left_to_right", "reading"))
+        check(self.n_scenes >= 1, "n_scenes", self.n_scenes, ">= 1")
+        check(self.grid >= 1, "grid", self.grid, ">= 1")
+        check(self.guidance >= 0, "guidance", self.guidance, ">= 0")
+        check(self.steps >= 1, "steps", self.steps, ">= 1")
+
+
+@dataclass
 class EvalConfig:
     """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
 
@@ -88,3 +118,5 @@ class EvalConfig:
     """The demo suite."""
     detection: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)
     """The detection suite."""
+    gen: GenHeadEvalConfig = field(default_factory=GenHeadEvalConfig)
+    """The gen-head suite."""

@@ -1,5 +1,6 @@
-"""`omni eval detection`: the three requests of a scene and their ground truth, the suite end to end on a
-checkpoint with a (random-init) detection head, and clear refusals."""
+"""The head suites: `omni eval detection` (the three requests of a scene and their ground truth, the suite
+end to end on a checkpoint with a random-init detection head) and `omni eval gen-head` (end to end with
+a random-init diffusion head and a small judge), with clear refusals."""
 
 from __future__ import annotations
 
@@ -54,3 +55,31 @@ def test_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, real_tokeniz
     assert rc == 2 and "takes no --data" in err
     rc, _, err = run_cli("eval", "detection", "--checkpoint", tmp_path / "det", "detection.split=train")
     assert rc == 2 and "detection.split" in err
+
+
+def test_gen_head_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, real_tokenizer):
+    """`omni eval gen-head`: a checkpoint with a (random-init) diffusion head makes one image per
+    held-out caption, judged; the figures are shares, beside the chance row; clear refusals."""
+    from omni.checkpoint import save_checkpoint
+    from omni.config.heads import DiffusionHeadConfig, HeadsConfig
+    from omni.decoders.routing import RoutingHeads
+    from omni.eval.judge import train_judge
+    from omni.model import OmniDecoder
+
+    torch.manual_seed(0)
+    model = OmniDecoder(tiny_model_config)
+    heads = RoutingHeads(HeadsConfig(gen=DiffusionHeadConfig(enabled=True, n_queries=3, widths=(32,), layers=1,
+                                                             head_dim=32, cross_dim=32, steps=2)),
+                         tiny_model_config.dim, real_tokenizer.vocab.specials, (4, 4), image_tokenizer=real_tokenizer.image)
+    save_checkpoint(tmp_path / "gen", model, tokenizer=real_tokenizer, heads=heads)
+    save_checkpoint(tmp_path / "plain", model, tokenizer=real_tokenizer)
+    train_judge(n_scenes=20, seed=0, steps=5).save(tmp_path / "judge")
+    rc, out, err = run_cli("eval", "gen-head", "--checkpoint", tmp_path / "gen", f"gen.judge={tmp_path / 'judge'}",
+                           "gen.n_scenes=6", "gen.steps=2")
+    assert rc == 0, err
+    m = json.loads(out)
+    assert m["n_scenes"] == 6 and 0 <= m["correct"] <= 1 and 0 <= m["chance_correct"] <= 1 and m["steps"] == 2
+    rc, _, err = run_cli("eval", "gen-head", "--checkpoint", tmp_path / "gen", "gen.n_scenes=2")
+    assert rc == 2 and "gen.judge is not set" in err
+    rc, _, err = run_cli("eval", "gen-head", "--checkpoint", tmp_path / "plain", f"gen.judge={tmp_path / 'judge'}")
+    assert rc == 2 and "has no diffusion head" in err and "Traceback" not in err
