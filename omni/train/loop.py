@@ -72,6 +72,14 @@ def _target_weights(batch: dict, cfg: RunConfig, modality_table: torch.Tensor) -
     return base * lw[modality_table[batch["labels"]].long()]
 
 
+def _routed_documents(path) -> bool:
+    """Whether the token dataset at ``path`` holds routed documents (its manifest says; False without one)."""
+    import json
+
+    manifest = Path(path) / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text())["totals"].get("routed"))
+
+
 HEAD_OF = {"<det>": "det", "<gen>": "gen"}
 """Routing token -> its head's key (``heads.<key>``, ``train.loss_weights.<key>``)."""
 
@@ -115,6 +123,12 @@ class Trainer:
 
         # Everything a user can get wrong is checked before a process group starts or a step is taken.
         check_run(cfg)
+        if cfg.parallel.backend == "megatron":
+            routed = [p for p in [*cfg.data.paths, *cfg.data.eval_paths] if _routed_documents(p)]
+            if routed:
+                raise OmniError(f"{', '.join(routed)} hold routed documents (<det>/<gen> and their slots): the "
+                                "megatron backend does not handle them yet (it would score the slots as text); train "
+                                "them with parallel.backend=torch")
         check_megatron(cfg)  # the torch backend refuses megatron-only keys; megatron checks its layout
         self.cfg, self.progress, self.resume = cfg, progress, resume
         if not cfg.data.tokenizer:

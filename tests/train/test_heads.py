@@ -106,6 +106,7 @@ def test_bad_head_configs_are_refused(tmp_path, det_run, text_tokenizer):
         (["heads.det.n_queries=3"], "heads.det.n_queries=3 but data.preprocess.det_queries=4"),
         (["heads.det.kind=x"], "unknown config key 'heads.det.kind'"),
         (["parallel.backend=megatron"], "the task heads run with the plain-PyTorch backend only"),
+        (["parallel.backend=megatron", "heads.det.enabled=false"], "the megatron backend does not handle them yet"),
     ]
     for extra, needle in cases:
         rc, _, err = run_cli("train", str(recipe), "--quiet", *extra)
