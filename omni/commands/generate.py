@@ -286,5 +286,9 @@ def _generate(args) -> int:
     page = write_page(list(zip(prompts, outs)), out)
     n_img = sum(len(o.images) for o in outs)
     n_aud = sum(len(o.audios) for o in outs)
-    print(f"wrote {page} ({len(outs)} document(s), {n_img} image(s), {n_aud} audio clip(s))")
+    from omni.document import Detect
+
+    dets = [s for o in outs for s in o.segments if isinstance(s, Detect)]
+    found = f", {len(dets)} detection(s) with {sum(len(d.boxes) for d in dets)} box(es)" if dets else ""
+    print(f"wrote {page} ({len(outs)} document(s), {n_img} image(s), {n_aud} audio clip(s){found})")
     return 0
