@@ -15,7 +15,7 @@ explicitly, so training and generation run the same code::
   input rows are replaced by the query embeddings (:meth:`SuperLinkQueries.splice`, called by the decoder's forward on its input embeddings). Reusing
   ``<pad>`` keeps every bundle's vocabulary as it is.
 * The LM loss never scores a prediction *of* a slot: the targets at the routing token and the
-  first K-1 slots are ignored (:meth:`SuperLinkQueries.ignore_slot_targets`); the last slot's
+  first K-1 slots are ignored (:func:`mask_slot_targets`); the last slot's
   prediction of what follows is scored as usual.
 * The query states are the final hidden states at the slots, [K, D] per routing token
   (:meth:`SuperLinkQueries.gather`); in generation, when the model emits the routing token, the
@@ -108,16 +108,6 @@ class SuperLinkQueries(nn.Module):
             by_name.setdefault(r.name, []).append(hidden[r.row, r.slots])
         return {name: torch.stack(states) for name, states in by_name.items()}
 
-    @staticmethod
-    def ignore_slot_targets(labels: torch.Tensor, routes: list[Route]) -> torch.Tensor:
-        """``labels`` [B, T] (shifted: labels[t] is the target of position t) with the targets of the
-        routing token and the first K-1 slots ignored: they would be the slot placeholder."""
-        if not routes:
-            return labels
-        labels = labels.clone()
-        for r in routes:
-            labels[r.row, r.token : r.token + r.n_queries] = IGNORE_INDEX
-        return labels
 
     def step_inputs(self, name: str, device=None) -> tuple[torch.Tensor, list[Route]]:
         """What generation feeds in one step after sampling routing token ``name``: ids [1, 1+K] (the
@@ -145,6 +135,18 @@ def find_routes(ids: torch.Tensor, n_queries: dict[str, int], token_ids: dict[st
                                 "appears as plain text")
             routes.append(Route(b, t, name, k))
     return sorted(routes, key=lambda r: (r.row, r.token))
+
+
+def mask_slot_targets(x: torch.Tensor, routes: list[Route], value=IGNORE_INDEX) -> torch.Tensor:
+    """``x`` [B, T] indexed by target position (labels, shifted: labels[t] is the target of position t;
+    or loss weights) with ``value`` at the routing token and its first K-1 slots, whose targets would be
+    the slot placeholder: the LM never scores a prediction of a slot. A new tensor."""
+    if not routes:
+        return x
+    x = x.clone()
+    for r in routes:
+        x[r.row, r.token : r.token + r.n_queries] = value
+    return x
 
 
 def _key(name: str) -> str:
@@ -339,4 +341,4 @@ def load_heads(directory, dim: int, token_ids: dict[str, int], image_grid=None) 
 
 
 __all__ = ["HEADS_CONFIG", "HEADS_WEIGHTS", "IGNORE_INDEX", "SLOT", "Route", "RoutingHeads", "SuperLinkQueries",
-           "find_routes", "image_context", "load_heads", "save_heads"]
+           "find_routes", "image_context", "load_heads", "mask_slot_targets", "save_heads"]

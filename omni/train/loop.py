@@ -360,7 +360,8 @@ class Trainer:
             g["lr"] = lr
         batches = [self.stream.next_batch(tc.micro_batch_size) for _ in range(tc.grad_accum)]
         weights = [_target_weights(b, cfg, self.modality_table).to(dev) for b in batches]
-        routes = [self._routes(b, w) for b, w in zip(batches, weights)]  # also unweights the slots' targets
+        routed = [self._routes(b, w) for b, w in zip(batches, weights)]  # the slots' targets get weight 0
+        routes, weights = [r for r, _ in routed], [w for _, w in routed]
         # the heads' losses are means over the global batch's routes of each kind (like the LM's over tokens)
         n_routes = {}
         if self.heads is not None:
@@ -447,19 +448,17 @@ class Trainer:
                 row[f"loss_{name}"] = float(sums[3 + 2 * k]) / n / weights_by_mod[name]
         return row
 
-    def _routes(self, batch: dict, weights: torch.Tensor) -> list:
-        """The routing tokens of a micro-batch (their K slots checked); the targets of the routing token
-        and its first K-1 slots get weight 0: they would be the slot placeholder (omni.decoders.routing)."""
+    def _routes(self, batch: dict, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """(the routing tokens of a micro-batch, their K slots checked; ``weights`` [B, T] with the targets
+        of each routing token and its first K-1 slots at 0: they would be the slot placeholder)."""
         if not self.slots:
-            return []
-        from omni.decoders.routing import find_routes
+            return [], weights
+        from omni.decoders.routing import find_routes, mask_slot_targets
         from omni.vocab import SLOT
 
         v = self.tok.vocab
         rs = find_routes(batch["input_ids"], self.slots, v.specials, v.special(SLOT))
-        for r in rs:
-            weights[r.row, r.token : r.token + r.n_queries] = 0.0
-        return rs
+        return rs, mask_slot_targets(weights, rs, 0.0)
 
     def _head_loss(self, hidden, ids, doc_ids, batch: dict, routes: list, n_routes: dict[str, int],
                    sums: dict[str, float]) -> torch.Tensor:
@@ -508,7 +507,7 @@ class Trainer:
             for _ in range(tc.eval_batches):
                 b = stream.next_batch(tc.micro_batch_size)
                 w = b["valid_mask"].to(dev)
-                rs = self._routes(b, w)  # slot targets are not scored here either
+                rs, w = self._routes(b, w)  # slot targets are not scored here either
                 splice = self.heads.queries.splicer(rs) if self.heads is not None and rs else None
                 with autocast:
                     out = self.module(b["input_ids"].to(dev), labels=b["labels"].to(dev), loss_mask=w,

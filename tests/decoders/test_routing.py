@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni.decoders.routing import IGNORE_INDEX, SLOT, SuperLinkQueries, image_context
+from omni.decoders.routing import IGNORE_INDEX, SLOT, SuperLinkQueries, image_context, mask_slot_targets
 from omni.errors import OmniError
 from omni.model import OmniDecoder
 
@@ -40,10 +40,12 @@ def _routed(vocab, prefix=(5, 6, 7, 8), after=(9,), k=K):
     return torch.tensor([[*prefix, s["<det>"], *[s[SLOT]] * k, *after]])
 
 
-def test_model_and_routing_agree_on_the_ignore_index():
+def test_routing_agrees_with_the_model_and_the_vocabulary():
+    """decoders sit below the core and may not import it: their copies of its constants must agree."""
     from omni.model import IGNORE_INDEX as MODEL_IGNORE
+    from omni.vocab import SLOT as VOCAB_SLOT
 
-    assert IGNORE_INDEX == MODEL_IGNORE
+    assert IGNORE_INDEX == MODEL_IGNORE and SLOT == VOCAB_SLOT
 
 
 def test_routes_are_found_and_bad_slots_refused(model, vocab):
@@ -66,7 +68,7 @@ def test_slot_targets_are_never_scored(model, vocab):
     q = _queries(model, vocab)
     ids = _routed(vocab)
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], dim=1)
-    out = q.ignore_slot_targets(labels, q.find(ids))
+    out = mask_slot_targets(labels, q.find(ids))
     # the routing token (4) and slots 1..K-1 (5..7) would predict a slot; slot K (8) predicts the 9
     assert out[0, 4:8].tolist() == [IGNORE_INDEX] * 4 and out[0, 8].item() == 9
     assert out[0, :4].tolist() == labels[0, :4].tolist() and labels[0, 4].item() != IGNORE_INDEX
