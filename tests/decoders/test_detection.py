@@ -30,13 +30,7 @@ from omni.eval.detection import chance_predictions, coco_ap
 D = 32  # decoder width of the tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared machine (and deterministic)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_head(**kw) -> DetectionHead:

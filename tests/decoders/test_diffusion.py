@@ -19,13 +19,7 @@ from omni.errors import ConfigError, OmniError
 D, K = 16, 4  # decoder width and super-link slots of the tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared machine (and deterministic)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**kw) -> DiffusionHead:

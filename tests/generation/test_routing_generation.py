@@ -111,11 +111,8 @@ def test_a_batch_with_a_routed_row_equals_each_row_alone(monkeypatch, routed_mod
 def test_page_draws_the_boxes_over_the_image_in_chromium(tmp_path):
     """A Detect after an image: the page shows that image with the boxes drawn on and lists them (the
     Markdown too); headless Chromium's screenshot shows one magenta rectangle per box."""
-    import shutil
-    import subprocess
-
     import numpy as np
-    from PIL import Image as PILImage
+    from browser import screenshot
     from scipy import ndimage
 
     from omni.generation.page import BOX_RGB, write_page
@@ -129,15 +126,7 @@ def test_page_draws_the_boxes_over_the_image_in_chromium(tmp_path):
     assert "3 boxes for “the shapes”" in text and "(0.55, 0.50, 0.90, 0.85) score 0.80" in text
     md = (tmp_path / "det.md").read_text()
     assert "![detections: 3 boxes" in md and "- (0.10, 0.10, 0.40, 0.45) score 0.90" in md
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
-    shot = tmp_path / "shot.png"
-    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,800",
-                        f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), r.stderr[-2000:]
-    a = np.asarray(PILImage.open(shot).convert("RGB")).astype(int)
+    a = screenshot(page, tmp_path, "1000,800")
     magenta = (np.abs(a - np.array(BOX_RGB)).max(-1) < 40)
     labels, count = ndimage.label(magenta)
     sizes = np.asarray(ndimage.sum(magenta, labels, range(1, count + 1)))

@@ -124,6 +124,18 @@ def _omni_cli(cluster, root, bin_dir, *args):
                           text=True, timeout=120)
 
 
+def _submit_and_wait_for_a_step(cluster, root, bin_dir, out: Path, *launch_args) -> str:
+    """`omni launch slurm ARGS`; the job id, once ``out/metrics.jsonl`` holds a row (the run is mid-way)."""
+    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", *launch_args)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split("submitted job ")[1].split()[0]
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    return job
+
+
 def _local_torchrun(root, recipe, out):
     import os
     import subprocess
@@ -165,13 +177,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(cluster, tmp_
     final weights equal an uninterrupted local run's byte for byte; `omni launch status` shows the requeue."""
     recipe, root, bin_dir = _train_setup(tmp_path, text_tokenizer, steps=40, save_every=1000)
     out = tmp_path / "slurm_run"
-    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", str(recipe), "--nodes", "2", f"train.out={out}")
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.split("submitted job ")[1].split()[0]
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.1)
+    job = _submit_and_wait_for_a_step(cluster, root, bin_dir, out, str(recipe), "--nodes", "2", f"train.out={out}")
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = cluster.wait_state(job, DONE, timeout=300)
     log = (out / f"slurm-{job}.out").read_text()
@@ -233,14 +239,8 @@ def test_image_tokenizer_on_two_nodes_requeued_by_scontrol_resumes_bit_identical
     root, bin_dir = Path(__file__).resolve().parents[2], str(Path(sys.executable).parent)
     args = [*image_overrides(), "steps=60", "model.quantizer=vq"]
     out = tmp_path / "slurm_tok"
-    r = _omni_cli(cluster, root, bin_dir, "launch", "slurm", "--tokenizer", "image", "--data", "photos:heldout",
-                  "--out", str(out), "--nodes", "2", *args)
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.split("submitted job ")[1].split()[0]
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.1)
+    job = _submit_and_wait_for_a_step(cluster, root, bin_dir, out, "--tokenizer", "image", "--data", "photos:heldout",
+                                      "--out", str(out), "--nodes", "2", *args)
     cluster.run("scontrol", "requeue", job)
     info = cluster.wait_state(job, DONE, timeout=240)
     log = (out / f"slurm-{job}.out").read_text()
