@@ -5,7 +5,8 @@ Chameleon Team, "Chameleon: Mixed-Modal Early-Fusion Foundation Models", 2024
 tokens, with the changes that keep mixed-modal training stable: QK-norm, optional norm
 re-ordering ("swin norm", Liu et al. 2022, https://arxiv.org/abs/2111.09883) and z-loss. The rest
 is LLaMA's (Touvron et al. 2023): pre-norm RMSNorm (Zhang & Sennrich 2019), SwiGLU (Shazeer 2020),
-RoPE (Su et al. 2021), grouped-query attention (Ainslie et al. 2023), no biases.
+RoPE (Su et al. 2021; its long-context variants, ``model.rope``, in omni.rope),
+grouped-query attention (Ainslie et al. 2023), no biases.
 
 Weight names are plain and are the contract with the converters (Chameleon's today; the
 megatron-core backend's, planned in parallel/)
@@ -41,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.config.model import ModelConfig
+from omni import rope as rope_lib
+from omni.config.model import MROPE_KINDS, ModelConfig, RopeConfig
 from omni.errors import OmniError
 
 MODALITIES = ("text", "special", "image", "audio")
@@ -88,22 +90,24 @@ class QKNorm(nn.Module):
         return F.rms_norm(x.float(), d, eps=self.eps).to(x.dtype) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions [B, T] -> (cos, sin), each [B, 1, T, d] (broadcast over heads)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]: halves layout (rotate_half)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 rope: RopeConfig | None = None):
+    """positions [B, T] (or [3, B, T] for the M-RoPE kinds) -> (cos, sin), each [B, 1, T, d]
+    (broadcast over heads), of the position encoding ``rope`` (None: plain RoPE; omni.rope)."""
+    inv_freq, scaling = rope_lib.frequencies(rope, head_dim, theta, positions.device)
+    return rope_lib.cos_sin(positions, inv_freq, dtype, scaling, rope_lib.mrope_section(rope, head_dim))
 
 
-def rope_table(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(max_len: int, head_dim: int, theta: float,
+               rope: RopeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of positions 0..max_len-1, each [max_len, d] fp32: rope_cos_sin's values, computed once.
 
     Indexing this table (as torchtitan's precomputed ``freqs_cis``) rather than evaluating cos/sin
     per call matters under torch.compile on CPU: inductor fuses ``rope_cos_sin`` into every
-    consumer and re-evaluates pow/cos/sin per element of q and k.
+    consumer and re-evaluates pow/cos/sin per element of q and k. For the M-RoPE kinds it holds
+    the 1-D positions (p, p, p): what every token gets without explicit 3-D positions.
     """
-    cos, sin = rope_cos_sin(torch.arange(max_len)[None], head_dim, theta, torch.float32)  # [1, 1, L, d]
+    cos, sin = rope_cos_sin(torch.arange(max_len)[None], head_dim, theta, torch.float32, rope)  # [1, 1, L, d]
     return cos[0, 0], sin[0, 0]
 
 
@@ -344,7 +348,7 @@ class OmniDecoder(nn.Module):
         c = self.config
         device = self.tok_embeddings.weight.device
         with torch.device(device):
-            cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+            cos, sin = rope_table(c.max_seq_len, c.head_dim, c.rope_theta, c.rope)
         self.rope_cos, self.rope_sin = cos, sin  # replaces the registered (non-persistent) buffers
 
     def set_modality_table(self, table: torch.Tensor | None) -> None:
@@ -386,7 +390,9 @@ class OmniDecoder(nn.Module):
         loss_mask: [B, T] 1/0 (or weights) per target; a position with 0 is not scored.
         doc_ids: [B, T] document of each token in a packed row; attention is block-diagonal causal
             (no token sees another document) and positions restart at 0 per document.
-        position_ids: [B, T] explicit RoPE positions (overrides the ones derived above).
+        position_ids: [B, T] explicit RoPE positions (overrides the ones derived above); with
+            ``model.rope.kind`` 'mrope'/'mrope_plus' also [3, B, T] (time, height, width:
+            :func:`omni.rope.mrope_positions`). Without them every token is at (p, p, p).
         modality: [B, T] modality of each target (omni.vocab TEXT/SPECIAL/IMAGE/AUDIO); by default
             looked up in the modality table set by :meth:`set_modality_table`.
         cache: a :class:`KVCache`; the new tokens attend to everything in it and are appended.
@@ -400,6 +406,13 @@ class OmniDecoder(nn.Module):
         B, T = ids.shape
         past = cache.length if cache is not None else 0
         explicit_positions = position_ids is not None
+        if explicit_positions and position_ids.dim() == 3:
+            if self.config.rope.kind not in MROPE_KINDS:
+                raise OmniError(f"position_ids of shape {tuple(position_ids.shape)} are M-RoPE's [3, B, T]: they "
+                                f"need model.rope.kind 'mrope' or 'mrope_plus' (this model's is "
+                                f"{self.config.rope.kind!r}); pass [B, T]")
+            if position_ids.shape[0] != 3 or position_ids.shape[2] != T or position_ids.shape[1] not in (1, B):
+                raise OmniError(f"3-D position_ids must be [3, B, T] = [3, {B}, {T}], got {tuple(position_ids.shape)}")
         mask, positions = self._mask_and_positions(B, T, past, ids.device, doc_ids, position_ids, cache)
 
         h = self.tok_embeddings(ids)  # [B, T, D]
@@ -410,7 +423,7 @@ class OmniDecoder(nn.Module):
             # device and init_buffers not called yet)
             cos, sin = self.rope_cos[positions].to(h.dtype)[:, None], self.rope_sin[positions].to(h.dtype)[:, None]
         else:  # explicit positions (any value) or beyond max_seq_len: evaluate
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope)
         for block in self.layers:
             h = block(h, cos, sin, mask, cache)
         if cache is not None:

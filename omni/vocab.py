@@ -325,7 +325,8 @@ class UnifiedVocab:
     @staticmethod
     def position_ids(length: int, start: int = 0):
         """int64 [length]: the positions of a document piece, ``start, start + 1, ...`` (1-D RoPE:
-        every token, block codes included, advances the position by one)."""
+        every token, block codes included, advances the position by one). M-RoPE's 3-D positions
+        (image codes by row and column) read this grammar in :func:`omni.rope.mrope_positions`."""
         import numpy as np
 
         return np.arange(start, start + length, dtype=np.int64)

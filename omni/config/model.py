@@ -2,12 +2,78 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omni.config.base import check, check_choice
 
 QK_NORMS = ("per_head", "shared", "none")
 QK_NORM_TYPES = ("layernorm", "rmsnorm")
+ROPE_KINDS = ("rope", "yarn", "mrope", "mrope_plus")
+"""Position encodings (omni.rope): 1-D RoPE, YaRN, M-RoPE (Qwen2-VL), M-RoPE++ (GIRAFFE's paper form)."""
+ROPE_SCALINGS = ("none", "linear", "ntk")
+"""Scalings of kind 'rope': none, position interpolation, NTK-aware base scaling."""
+MROPE_KINDS = ("mrope", "mrope_plus")
+"""Kinds that rotate by 3-D (temporal, height, width) positions."""
+
+
+@dataclass
+class RopeConfig:
+    """Which rotary position encoding the decoder uses (``model.rope.*``; the math is omni.rope's).
+
+    The default (kind 'rope', scaling 'none') is plain RoPE of base ``model.rope_theta``: a config
+    without a ``rope`` section computes what it always did.
+    """
+
+    kind: str = "rope"
+    """'rope' (1-D RoPE, optionally scaled), 'yarn' (Peng et al. 2023), 'mrope' (Qwen2-VL: frequency sections rotated by (time, row, column) positions) or 'mrope_plus' (GIRAFFE's M-RoPE++: M-RoPE with per-section extension)."""
+    scaling: str = "none"
+    """For kind 'rope': 'none', 'linear' (positions divided by factor, Chen et al. 2023) or 'ntk' (base theta * factor ** (d / (d - 2)))."""
+    factor: float = 1.0
+    """Context extension ratio s (new context / trained context) of scaling linear/ntk, kind yarn and kind mrope_plus; 1 changes nothing."""
+    original_max_position_embeddings: int | None = None
+    """Kind 'yarn': the context the model was trained at before extension (sets YaRN's correction dims); required for yarn."""
+    beta_fast: float = 32.0
+    """Kind 'yarn': frequencies that turn more than beta_fast times over the original context are kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """Kind 'yarn': frequencies that turn fewer than beta_slow times over the original context are divided by factor (interpolated)."""
+    mscale: float = 1.0
+    """Kind 'yarn': attention factor (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1) multiplies cos and sin (megatron-core's)."""
+    mscale_all_dim: float = 0.0
+    """Kind 'yarn': see mscale (DeepSeek-V2/V3 set both; 0 leaves the factor 0.1 * mscale * ln(factor) + 1)."""
+    mrope_section: list[int] | None = None
+    """Kinds 'mrope'/'mrope_plus': frequency pairs given to (time, height, width), summing to head_dim / 2; null: Qwen2-VL's 16/24/24 of 64, scaled to head_dim / 2."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, "kind", ROPE_KINDS)
+        check_choice(self.scaling, "scaling", ROPE_SCALINGS)
+        check(self.scaling == "none" or self.kind == "rope", "scaling", self.scaling,
+              f"'none' with kind {self.kind!r} (scaling applies to kind 'rope'; kinds 'yarn' and 'mrope_plus' "
+              "scale by themselves)")
+        check(self.factor >= 1.0, "factor", self.factor, ">= 1 (the context extension ratio)")
+        uses_factor = (self.kind == "rope" and self.scaling != "none") or self.kind in ("yarn", "mrope_plus")
+        check(uses_factor or self.factor == 1.0, "factor", self.factor,
+              f"1.0 with kind {self.kind!r} and scaling {self.scaling!r}, which do not scale (factor is used by "
+              "scaling 'linear'/'ntk' of kind 'rope', and by kinds 'yarn', 'mrope_plus')")
+        yarn = self.kind == "yarn"
+        if self.original_max_position_embeddings is not None or yarn:
+            omp = self.original_max_position_embeddings
+            check(yarn, "original_max_position_embeddings", omp, "null (it is used by kind 'yarn' only)")
+            check(omp is not None and omp >= 1, "original_max_position_embeddings", omp,
+                  "the context length the model was trained at before extension (an int >= 1): kind 'yarn' needs it")
+        check(self.beta_slow > 0, "beta_slow", self.beta_slow, "> 0")
+        check(self.beta_fast > self.beta_slow, "beta_fast", self.beta_fast, f"> beta_slow={self.beta_slow}")
+        check(self.mscale > 0, "mscale", self.mscale, "> 0")
+        check(self.mscale_all_dim >= 0, "mscale_all_dim", self.mscale_all_dim, ">= 0")
+        if not yarn:
+            for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 1.0), ("mscale_all_dim", 0.0)):
+                check(getattr(self, name) == default, name, getattr(self, name),
+                      f"its default {default} with kind {self.kind!r} (it is used by kind 'yarn' only)")
+        if self.mrope_section is not None:
+            sec = self.mrope_section
+            check(self.kind in MROPE_KINDS, "mrope_section", sec,
+                  f"null with kind {self.kind!r} (sections are used by kinds 'mrope', 'mrope_plus')")
+            check(len(sec) == 3 and all(isinstance(n, int) and n >= 0 for n in sec), "mrope_section", sec,
+                  "3 non-negative ints [time, height, width] (frequency pairs of each section)")
 
 
 @dataclass
@@ -37,7 +103,9 @@ class ModelConfig:
     swin_norm: bool = False
     """Chameleon's norm re-ordering: h = x + norm(attn(x)); out = h + norm(mlp(h)) (the 34B recipe)."""
     rope_theta: float = 10000.0
-    """RoPE base frequency."""
+    """RoPE base frequency theta (of every rope kind)."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """The position encoding: plain RoPE by default, or a long-context variant (omni.rope)."""
     max_seq_len: int = 4096
     """Longest sequence (training context); used for FLOP counts and the KV cache default."""
     tie_embeddings: bool = False
@@ -67,6 +135,14 @@ class ModelConfig:
         check_choice(self.qk_norm_type, "qk_norm_type", QK_NORM_TYPES)
         check(0 < self.qk_norm_eps < 1, "qk_norm_eps", self.qk_norm_eps, "in (0, 1)")
         check(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
+        if isinstance(self.rope, dict):  # built from a plain mapping rather than through load_config
+            self.rope = RopeConfig(**self.rope)
+        half = self.head_dim // 2
+        if self.rope.mrope_section is not None:
+            check(sum(self.rope.mrope_section) == half, "rope.mrope_section", self.rope.mrope_section,
+                  f"sections summing to head_dim / 2 = {half} (frequency pairs of a head)")
+        check(self.rope.scaling != "ntk" or self.head_dim > 2, "rope.scaling", self.rope.scaling,
+              f"not 'ntk' with head_dim={self.head_dim} (its exponent d / (d - 2) needs head_dim > 2)")
         check(self.max_seq_len >= 1, "max_seq_len", self.max_seq_len, ">= 1")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         check(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")

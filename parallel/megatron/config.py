@@ -82,6 +82,9 @@ def check_megatron(cfg, world: int | None = None, machine: Machine | None = None
     if m.swin_norm:
         _fail("model.swin_norm=true (Chameleon-34B's norm order) is not built for parallel.backend=megatron; "
               "train it with parallel.backend=torch")
+    if m.rope.kind != "rope" or m.rope.scaling != "none":
+        _fail(f"model.rope.kind={m.rope.kind!r} scaling={m.rope.scaling!r} is not wired into parallel.backend=megatron "
+              "(it builds plain RoPE); train it with parallel.backend=torch")
     if p.sequence_parallel and p.tensor < 2:
         _fail("parallel.sequence_parallel=true needs parallel.tensor >= 2 (it shards the sequence within a "
               "tensor-parallel group)")
