@@ -41,6 +41,7 @@ M-RoPE's position ids come from the token ids through the vocabulary's block gra
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ import torch
 
 from omni.config.model import MROPE_KINDS
 from omni.errors import OmniError
+from omni.vocab import IMAGE as _IMAGE
 
 if TYPE_CHECKING:  # pragma: no cover
     from omni.config.model import RopeConfig
@@ -234,7 +236,8 @@ def mrope_positions(ids: Any, vocab: UnifiedVocab, doc_ids: Any = None, start: i
 
     ``next`` is the position of the token after ``ids`` in the last document (max + 1): what
     ``start`` of a continuation takes. A continuation that begins inside an unfinished image block
-    needs the block's layout: call again from the block's opener (or the document's start).
+    needs the block's layout: call again from the block's opener (or the document's start), or
+    keep a :class:`MRopeCursor`, which carries it (what generation does).
     Returns a torch long tensor on the device of torch ``ids``, else a numpy int64 array.
     """
     is_torch = isinstance(ids, torch.Tensor)
@@ -258,8 +261,101 @@ def mrope_positions(ids: Any, vocab: UnifiedVocab, doc_ids: Any = None, start: i
     return out, nxt
 
 
+def uses_mrope(model) -> bool:
+    """Whether ``model`` (an OmniDecoder) rotates by 3-D positions: ``model.rope.kind`` mrope / mrope_plus."""
+    rope = getattr(getattr(model, "config", None), "rope", None)
+    return rope is not None and rope.kind in MROPE_KINDS
+
+
+def batch_positions(rows: Sequence[Any], vocab: UnifiedVocab, length: int, left: bool = False) -> torch.Tensor:
+    """M-RoPE positions [3, len(rows), length] of token rows padded to ``length`` (on the right, or on
+    the ``left``): each row's :func:`mrope_positions` from 0 where it starts, 0 on the padding (which
+    no token attends to)."""
+    out = torch.zeros(3, len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = r.tolist() if isinstance(r, torch.Tensor) else list(r)
+        pos = torch.from_numpy(mrope_positions(np.asarray(r, dtype=np.int64), vocab)[0])  # [3, len(r)]
+        if left:
+            out[:, i, length - len(r):] = pos
+        else:
+            out[:, i, :len(r)] = pos
+    return out
+
+
+class MRopeCursor:
+    """The M-RoPE position of a growing sequence (a decoding row): :meth:`extend` gives the positions of
+    the tokens appended next, equal to :func:`mrope_positions` of the whole sequence at those places.
+
+    Qwen2-VL keeps ``rope_deltas`` (next position minus the token count) per row, since it gets a whole
+    image at once; here image codes are generated one by one, so the cursor keeps the block grammar's
+    state: the next position (max of all so far + 1) and, inside an open image block, the block's base
+    and the codes seen (code k at (base, base + k // cols, base + k % cols); the next position after it
+    is base + max(row, col) + 1, so the token after an image block continues at max + 1).
+    """
+
+    def __init__(self, vocab: UnifiedVocab, start: int = 0):
+        self.vocab = vocab
+        self.next = start
+        self.base: int | None = None  # inside an open image block: its codes' time position
+        self.codes = 0  # codes of the open image block so far
+        self._boi = vocab.opener("image")
+        self._image = (vocab.modality_table == _IMAGE).numpy()  # [V] bool: image code ids
+
+    @classmethod
+    def prefill(cls, ids: Any, vocab: UnifiedVocab, start: int = 0) -> tuple[np.ndarray, MRopeCursor]:
+        """(positions [3, T] of ``ids`` (:func:`mrope_positions`, numpy), a cursor that continues after them),
+        also when ``ids`` ends inside an unfinished image block."""
+        seq = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids, dtype=np.int64)
+        pos, nxt = mrope_positions(seq, vocab, start=start)
+        cursor = cls(vocab, nxt)
+        opens = np.flatnonzero(seq == cursor._boi)
+        if len(opens):  # every <boi> starts a block; it is open when only image codes follow it
+            j = int(opens[-1])
+            tail = seq[j + 1:]
+            if cursor._is_code(tail).all():
+                cursor.base, cursor.codes = int(pos[0, j]) + 1, len(tail)
+        return pos, cursor
+
+    def _is_code(self, ids: np.ndarray) -> np.ndarray:
+        ok = (ids >= 0) & (ids < len(self._image))
+        return ok & self._image[np.where(ok, ids, 0)]
+
+    def clone(self) -> MRopeCursor:
+        """A copy whose state moves independently (the vocab and its tables are shared)."""
+        return copy.copy(self)
+
+    def extend(self, ids: Any) -> np.ndarray:
+        """The positions [3, n] (int64 numpy) of ``ids`` appended to the sequence; the cursor moves past them."""
+        seq = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids, dtype=np.int64)
+        seq = seq.reshape(-1)
+        out = np.empty((3, len(seq)), dtype=np.int64)
+        codes = self._is_code(seq)
+        for i, t in enumerate(seq.tolist()):
+            if self.base is not None:
+                if codes[i]:
+                    if self.vocab.image_grid is None:
+                        raise OmniError("the vocab records no image_grid: M-RoPE positions need the (rows, cols) "
+                                        "of an image block")
+                    rows, cols = self.vocab.image_grid
+                    k = self.codes
+                    if k >= rows * cols:
+                        raise OmniError(f"an image block holds more codes than its {rows}x{cols} grid")
+                    r, c = divmod(k, cols)
+                    out[0, i], out[1, i], out[2, i] = self.base, self.base + r, self.base + c
+                    self.codes = k + 1
+                    # the max over codes 0..k of max(row, col), + 1
+                    self.next = self.base + max(r, min(k, cols - 1)) + 1
+                    continue
+                self.base = None  # the block ends here (its closer or anything else): 1-D from here
+            out[:, i] = self.next
+            self.next += 1
+            if t == self._boi:
+                self.base, self.codes = self.next, 0
+        return out
+
+
 __all__ = [
     "QWEN2VL_SECTION", "base_inv_freq", "ntk_theta", "yarn_correction_range", "yarn_inv_freq", "yarn_mscale",
     "yarn_attention_factor", "default_mrope_section", "mrope_section", "mrope_plus_inv_freq", "frequencies",
-    "cos_sin", "mrope_positions",
+    "cos_sin", "mrope_positions", "MRopeCursor",
 ]

@@ -12,7 +12,10 @@
 
 Every piece has a ``state_dict`` / ``load_state_dict`` that restores the stream exactly.
 Each sequence carries per-token document ids (block-diagonal causal masks) and positions that
-restart at every document, plus the spans it was cut from, so it can be un-packed.
+restart at every document piece, plus the spans it was cut from, so it can be un-packed. For a
+model with an M-RoPE kind (``model.rope.kind`` mrope / mrope_plus: ``mrope=True``) the positions are
+3-D, (time, height, width) rows of :func:`omni.rope.mrope_positions` per piece: [3, L] per sequence,
+[3, B, L] in a batch (the layout ``OmniDecoder.forward`` takes).
 """
 
 from __future__ import annotations
@@ -93,14 +96,14 @@ class PackedSequence:
     loss_mask: np.ndarray  # float32 [L]: 1 where labels[t] is trained on in SFT (prompt segments are 0)
     valid_mask: np.ndarray  # float32 [L]: 1 where labels[t] is a real next token of the same piece (pretraining)
     doc_ids: np.ndarray  # int64 [L]: 0, 1, 2, ... per document piece; -1 on padding
-    position_ids: np.ndarray  # int64 [L]: restart at 0 with every piece
+    position_ids: np.ndarray  # int64 [L] (M-RoPE: [3, L]): restart at 0 with every piece
     spans: list[tuple[int, int, int, int, int]]  # (dataset, epoch, document, start, length) per piece, over L+1 tokens
 
 
 class DocumentPacker:
     """Greedy packing of one dataset's shuffled documents into sequences of ``seq_len + 1`` tokens."""
 
-    def __init__(self, dataset: TokenDataset, seq_len: int, seed: int, vocab, index: int = 0):
+    def __init__(self, dataset: TokenDataset, seq_len: int, seed: int, vocab, index: int = 0, mrope: bool = False):
         if len(dataset) == 0:
             raise OmniError(f"token dataset {dataset.path} holds no documents")
         # a routed span must end before the row's last token (a label only: the slots must be inputs)
@@ -111,6 +114,7 @@ class DocumentPacker:
                             f"use seq_len >= {dataset.max_block - (limit - seq_len)}")
         self.ds, self.seq_len, self.seed, self.index = dataset, seq_len, seed, index
         self.vocab = vocab
+        self.mrope = mrope  # 3-D positions (omni.rope.mrope_positions) for the M-RoPE kinds
         self.pad = vocab.special("<pad>")
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
@@ -132,7 +136,7 @@ class DocumentPacker:
         ids = np.full(n, self.pad, np.int64)
         mask = np.zeros(n, np.uint8)
         seg = np.full(n, -1, np.int64)
-        pos = np.zeros(n, np.int64)
+        pos = np.zeros((3, n) if self.mrope else n, np.int64)
         spans = []
         filled = 0
         while filled < n:
@@ -154,7 +158,12 @@ class DocumentPacker:
             ids[filled : filled + take] = d_ids[a:b]
             mask[filled : filled + take] = d_mask[a:b]
             seg[filled : filled + take] = len(spans)
-            pos[filled : filled + take] = self.vocab.position_ids(take)
+            if self.mrope:  # a piece restarts at 0 as the 1-D positions do; pieces never cut a block
+                from omni.rope import mrope_positions
+
+                pos[:, filled : filled + take] = mrope_positions(d_ids[a:b], self.vocab)[0]
+            else:
+                pos[filled : filled + take] = self.vocab.position_ids(take)
             spans.append((self.index, self.epoch, doc, a, take))
             filled += take
             if b == len(d_ids):
@@ -167,7 +176,7 @@ class DocumentPacker:
         # Label t is token t+1; it is trained on only inside one piece and where the stored mask says so.
         same = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
         loss_mask = (same & (mask[1:] > 0)).astype(np.float32)
-        return PackedSequence(ids[:-1], ids[1:], loss_mask, same.astype(np.float32), seg[:-1], pos[:-1], spans)
+        return PackedSequence(ids[:-1], ids[1:], loss_mask, same.astype(np.float32), seg[:-1], pos[..., :-1], spans)
 
 
 class BlendedSequences:
@@ -205,7 +214,7 @@ class BlendedSequences:
                 return seq
 
     def next_batch(self, batch_size: int) -> dict:
-        """``batch_size`` sequences stacked into torch tensors [B, L]."""
+        """``batch_size`` sequences stacked into torch tensors [B, L]; M-RoPE ``position_ids`` [3, B, L]."""
         import torch
 
         seqs = [next(self) for _ in range(batch_size)]
@@ -216,6 +225,8 @@ class BlendedSequences:
             self._next_global()
         out = {k: torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
                for k in ("input_ids", "labels", "loss_mask", "valid_mask", "doc_ids", "position_ids")}
+        if out["position_ids"].dim() == 3:  # [B, 3, L] -> [3, B, L]: the model's layout of 3-D positions
+            out["position_ids"] = out["position_ids"].transpose(0, 1).contiguous()
         out["spans"] = [s.spans for s in seqs]
         return out
 
@@ -252,10 +263,11 @@ class BlendedSequences:
             p.load_state_dict(s)
 
 
-def build_stream(config, tokenizer, rank: int = 0, world: int = 1) -> BlendedSequences:
-    """The training stream of a :class:`omni.config.data.DataConfig`."""
+def build_stream(config, tokenizer, rank: int = 0, world: int = 1, mrope: bool = False) -> BlendedSequences:
+    """The training stream of a :class:`omni.config.data.DataConfig`; ``mrope``: 3-D positions (a model
+    whose ``model.rope.kind`` is an M-RoPE kind)."""
     datasets = [TokenDataset(p, tokenizer) for p in config.paths]
-    packers = [DocumentPacker(d, config.seq_len, config.seed, tokenizer.vocab, index=i)
+    packers = [DocumentPacker(d, config.seq_len, config.seed, tokenizer.vocab, index=i, mrope=mrope)
                for i, d in enumerate(datasets)]
     return BlendedSequences(packers, list(config.weights) or None, rank, world)
 

@@ -26,6 +26,17 @@ head samples a latent from the row's query states (``gen_guidance``, ``gen_steps
 to codes; that image block is then emitted as if sampled, so it enters the cache as an ordinary image
 and the document continues after it.
 
+M-RoPE (``model.rope.kind`` mrope / mrope_plus): every forward gets 3-D (time, height, width)
+positions. The prefill takes :func:`omni.rope.mrope_positions` of each prompt (0 where it starts,
+as above); then one :class:`omni.rope.MRopeCursor` per row (the unconditional rows' too) gives the
+positions of the tokens each step feeds, following the same grammar: a generated image's codes go
+row by row to (base, base + row, base + col) and the token after the block continues at max + 1
+(Qwen2-VL's ``rope_deltas``, kept as the grammar's state since codes come one at a time). A Jacobi
+window's guesses get the positions they would have, and the cursors keep only the accepted ones; a
+routing step's slots are 1-D like any special, its padding positions are never attended to.
+Anything that reads a full row again (the routing heads' states, reranking) passes
+``mrope_positions`` of it, so it sees the cached function.
+
 Reranking (``rerank: N``): every prompt is sampled N times (rows ``i * N + k``, which is what
 ``on_token`` / ``on_segment`` see), then each candidate is scored by the same model reading the
 other way: ``<bos>`` + the candidate's image/audio blocks + the prompt's text + ``<eos>``, summing
@@ -52,6 +63,7 @@ from omni.generation.processors import (
     ModalitySampler,
     check_budget,
 )
+from omni.rope import MRopeCursor, batch_positions, mrope_positions, uses_mrope
 
 
 def _unconditional(doc: Document) -> Document:
@@ -148,10 +160,12 @@ def rerank_scores(model, tok, prompts: list[Document], rows: list[list[int]], n:
     ids = torch.full((len(seqs), L), sp["<pad>"], dtype=torch.long)  # right-padded: causal rows ignore it
     for j, s in enumerate(seqs):
         ids[j, :len(s)] = s
+    positions = batch_positions(seqs, v, L) if uses_mrope(model) else None  # each row's own 3-D positions
     device = next(model.parameters()).device
     scores = torch.zeros(len(seqs))
     for c in range(0, len(seqs), 64):  # [64, L, V] logits at a time
-        logp = model(ids[c:c + 64].to(device)).logits.float().log_softmax(-1).cpu()  # [b, L, V]
+        pos = None if positions is None else positions[:, c:c + 64].to(device)
+        logp = model(ids[c:c + 64].to(device), position_ids=pos).logits.float().log_softmax(-1).cpu()  # [b, L, V]
         for j in range(c, min(c + 64, len(seqs))):
             a, e = spans[j]  # target positions a..e-1 are predicted at a-1..e-2
             scores[j] = logp[j - c, a - 1:e - 1].gather(-1, ids[j, a:e, None]).sum()
@@ -208,9 +222,14 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
                     on_segment(b, _last_block(tok, state.rows[b].tokens))
 
     cache = model.new_cache(capacity=ids.shape[1] + max_new + config.jacobi)  # never grows while decoding
+    cursors, prefill_positions = None, None  # M-RoPE: a position cursor per row (module docstring)
+    if uses_mrope(model):
+        prefill_positions, cursors = _mrope_prefill(rows, ids.shape[1], v)
+        prefill_positions = prefill_positions.to(device)
     # Everything after the forward (guidance, the state machine, sampling) runs on the CPU: one
     # [B, V] copy a step, and the seeded CPU generator draws the same tokens on any device.
-    logits = model(ids, doc_ids=doc, cache=cache).logits[:, -1].float().cpu()  # prefill: [B or 2B, V]
+    logits = model(ids, doc_ids=doc, cache=cache,
+                   position_ids=prefill_positions).logits[:, -1].float().cpu()  # prefill: [B or 2B, V]
     step = compiled_decoder(model) if config.compile else model
     drafts, pending = Drafts(B), None
     explicit = False  # positions passed explicitly: once a routing step fed padding between tokens
@@ -229,10 +248,11 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
             break
         route = {b: routing[int(t)] for b, t in enumerate(nxt.tolist()) if t in routing and not done_before[b]}
         if route:
-            logits = _routing_step(model, heads, nxt, route, cache, guidance.active, v)
+            logits = _routing_step(model, heads, nxt, route, cache, guidance.active, v, cursors)
             explicit = True
             for b, (name, _) in route.items():
-                hidden, row_ids, r = _route_states(model, heads, cond[b], state.rows[b].tokens, routing, device)
+                hidden, row_ids, r = _route_states(model, heads, cond[b], state.rows[b].tokens, routing, device,
+                                                   v if cursors is not None else None)
                 if name == "<det>":
                     (pred,) = heads.predict(hidden, row_ids, [r], config.det_threshold)
                     found[b].append(([x for x, _ in pred], [sc for _, sc in pred]))
@@ -252,6 +272,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
         past = cache.length
         new_doc = torch.zeros(feed.shape, dtype=torch.long, device=device)
         positions = _next_positions(cache, feed.shape[1]) if explicit else None
+        if cursors is not None:  # M-RoPE: every row's cursor moves past its fed tokens (a window: see below)
+            before = [c.clone() for c in cursors] if w else None
+            positions = _mrope_feed(cursors, feed).to(device)
         raw = step(feed.to(device), doc_ids=new_doc, cache=cache,
                    position_ids=positions).logits.float().cpu()  # [B or 2B, 1 + w, V]
         if not w:
@@ -272,6 +295,9 @@ def _sample(model, tok, prompts: list[Document], config: GenerateConfig, on_toke
             logits = raw[:, -1]
         else:  # keep the fed tokens that were accepted (the window's first token and len(accepted[0]) guesses)
             cache.truncate(past + 1 + len(accepted[0]))
+            if cursors is not None:  # ... and so do the cursors
+                cursors = before
+                _mrope_feed(cursors, feed[:, :1 + len(accepted[0])])
 
     return [list(r.tokens) for r in state.rows], found
 
@@ -282,10 +308,38 @@ def _next_positions(cache, T: int) -> torch.Tensor:
     return start[:, None] + torch.arange(T, device=start.device)[None]
 
 
-def _routing_step(model, heads, nxt: torch.Tensor, route: dict, cache, cfg_rows: bool, vocab) -> torch.Tensor:
+def _mrope_prefill(rows: list[torch.Tensor], L: int, vocab) -> tuple[torch.Tensor, list[MRopeCursor]]:
+    """M-RoPE positions [3, len(rows), L] of the left-padded prompts ``rows`` (each from 0 where it
+    starts; 0 on the padding, which no one attends to) and a cursor per row that continues after it."""
+    positions = torch.zeros(3, len(rows), L, dtype=torch.long)
+    cursors = []
+    for i, r in enumerate(rows):
+        pos, cursor = MRopeCursor.prefill(r, vocab)
+        positions[:, i, L - len(r):] = torch.from_numpy(pos)
+        cursors.append(cursor)
+    return positions, cursors
+
+
+def _mrope_feed(cursors: list[MRopeCursor], feed: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    """M-RoPE positions [3, rows, T] of ``feed`` [rows, T]: row i's cursor moves past its first
+    ``lengths[i]`` tokens (all by default); the positions after those (padding no one attends to)
+    repeat the last one."""
+    rows, T = feed.shape
+    out = torch.empty(3, rows, T, dtype=torch.long)
+    for i, cursor in enumerate(cursors):
+        n = T if lengths is None else lengths[i]
+        pos = torch.from_numpy(cursor.extend(feed[i, :n]))
+        out[:, i, :n] = pos
+        out[:, i, n:] = pos[:, -1:]
+    return out
+
+
+def _routing_step(model, heads, nxt: torch.Tensor, route: dict, cache, cfg_rows: bool, vocab,
+                  cursors: list[MRopeCursor] | None = None) -> torch.Tensor:
     """Feed this step's tokens, with the K slots (their queries spliced in) after each routing token and
     K padding positions (document -1: never attended to) after the others; the next logits [rows, V]:
-    at the last slot of a routed row, at the token of the others."""
+    at the last slot of a routed row, at the token of the others. ``cursors`` (M-RoPE): the rows'
+    position cursors, moved past the token and its slots."""
     from omni.decoders.routing import Route
 
     B = len(nxt)
@@ -305,15 +359,21 @@ def _routing_step(model, heads, nxt: torch.Tensor, route: dict, cache, cfg_rows:
     device = next(model.parameters()).device
     if cache.doc_ids is None:  # a prefill without padding: every cached token is the row's
         cache.doc_ids = torch.zeros(feed.shape[0], cache.length, dtype=torch.long, device=device)
-    out = model(feed.to(device), doc_ids=docs.to(device), cache=cache, position_ids=_next_positions(cache, 1 + K),
+    if cursors is not None:  # the token and its slots (1-D, as every special) are the row's, the rest padding
+        positions = _mrope_feed(cursors, feed, (last + 1).tolist()).to(device)
+    else:
+        positions = _next_positions(cache, 1 + K)
+    out = model(feed.to(device), doc_ids=docs.to(device), cache=cache, position_ids=positions,
                 splice=heads.queries.splicer(routes))
     return out.logits[torch.arange(feed.shape[0], device=device), last.to(device)].float().cpu()
 
 
-def _route_states(model, heads, prompt_ids: torch.Tensor, generated: list[int], routing: dict, device):
+def _route_states(model, heads, prompt_ids: torch.Tensor, generated: list[int], routing: dict, device,
+                  mrope_vocab=None):
     """(final hidden states [1, T, D] float32, ids [1, T], route) of the routing token that ends
     ``generated``: one forward over the row (the prompt, then the generated tokens with the slots fed
-    after each routing token), equal to the cached states (tests/decoders/test_routing.py)."""
+    after each routing token), equal to the cached states (tests/decoders/test_routing.py).
+    ``mrope_vocab`` (an M-RoPE model): the row's 3-D positions are passed, as the cache had them."""
     seq = prompt_ids.tolist()
     for t in generated:
         seq.append(t)
@@ -321,7 +381,11 @@ def _route_states(model, heads, prompt_ids: torch.Tensor, generated: list[int], 
             seq += [heads.queries.slot_id] * routing[t][1]
     ids = torch.tensor([seq], device=device)
     routes = heads.find(ids)
-    hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
+    positions = None
+    if mrope_vocab is not None:
+        positions = torch.from_numpy(mrope_positions(seq, mrope_vocab)[0])[:, None].to(device)  # [3, 1, T]
+    hidden = model(ids, splice=heads.queries.splicer(routes), position_ids=positions,
+                   return_hidden=True).hidden.float()
     return hidden, ids, routes[-1]
 
 
