@@ -17,6 +17,8 @@ in, p the pixel-unshuffle factor)::
         resampler: M learned latents attend once to LayerNorm+Linear(query states) (M = n_latents)
     training, per row with probability cond_dropout: condition <- null [M, X] (a learned parameter)
     target x0 [B, C, S, S] --pixel-unshuffle p--> [B, C*p*p, S/p, S/p], noised at a random t
+        (noise_repeats r > 1: condition and target repeated to r*B rows, each noised on its own:
+        MAR's diffusion batch multiplier, Li et al. 2024, https://arxiv.org/abs/2406.11838)
     denoiser(x_t, t, encoder_hidden_states=condition) -> prediction [B, C*p*p, S/p, S/p]
         objective "flow": x_t = (1-s) x0 + s eps, s ~ U(0,1), t = 1000 s; target v = eps - x0
                           (rectified flow, Liu et al. 2022, https://arxiv.org/abs/2209.03003, as
@@ -193,6 +195,10 @@ class DiffusionHead(TaskHead):
         drop = torch.rand(B, generator=generator, device=dev) < cfg.cond_dropout  # [B]
         cond = self.condition(query_states, drop if self.training else None)  # [B, M, X]
         x0 = self._pack(target.to(cond.dtype))  # [B, C', S', S']
+        if self.training and cfg.noise_repeats > 1:  # MAR's batch multiplier: r noise draws per condition
+            r = cfg.noise_repeats
+            cond, x0, drop = cond.repeat(r, 1, 1), x0.repeat(r, 1, 1, 1), drop.repeat(r)  # [r*B, ...]
+            B = r * B
         eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         if cfg.objective == "flow":
             s = torch.rand(B, generator=generator, device=dev, dtype=x0.dtype)  # sigma in [0, 1)

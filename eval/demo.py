@@ -59,12 +59,29 @@ class DemoConfig:
     """Training scenes written as spoken-caption pairs (wav + transcript: speech-to-text and text-to-speech)."""
     story_scenes: int = 1000
     """Training scenes written as stories: "draw a red circle, then a blue square." + one image per object."""
+    detect_scenes: int = 0
+    """Training scenes written as detection documents for the ``<det>`` head ("find every red circle"
+    or "find the shapes", the image, ``<det>`` and the boxes: omni.toy.shapes ``detect``)."""
+    generate_scenes: int = 0
+    """Training scenes written as generation documents for the ``<gen>`` head (the caption, ``<gen>``
+    and the image the diffusion head should make: omni.toy.shapes ``generate``)."""
     caption_weight: float = 0.6
     """Blend weight of the caption documents in pretraining."""
     speech_weight: float = 0.25
     """Blend weight of the speech documents in pretraining."""
     story_weight: float = 0.15
     """Blend weight of the story documents in pretraining."""
+    detect_weight: float = 0.0
+    """Blend weight of the detection documents (0: none are written; > 0 needs heads.det.enabled)."""
+    generate_weight: float = 0.0
+    """Blend weight of the generation documents (0: none are written; > 0 needs heads.gen.enabled)."""
+    heads_steps: int = 0
+    """Steps of the ``heads`` stage: the pretrained decoder trained on, jointly with the ``<det>`` and
+    ``<gen>`` heads (``heads.*``), on the whole blend (the pretraining kinds replayed, plus the
+    detection and generation documents); 0: no such stage, no heads. Pretraining itself is on the
+    caption, speech and story documents alone (VisionLLM v2 trains its decoders in a later stage too)."""
+    heads_lr: float = 1e-3
+    """Peak learning rate of the heads stage (decoder and heads; 30 warmup steps, cosine to a tenth)."""
     image_rerank: int = 1
     """Caption to image: candidates sampled per caption; the one the model itself reads back as the
     caption best is kept (GenerateConfig.rerank). metrics.json also keeps the first candidate's score."""
@@ -93,8 +110,14 @@ class DemoConfig:
         for name in ("caption_scenes", "speech_scenes", "story_scenes", "judge_scenes", "eval_scenes",
                      "compositional_scenes"):
             check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("caption_weight", "speech_weight", "story_weight"):
+        for name in ("caption_weight", "speech_weight", "story_weight", "detect_weight", "generate_weight"):
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        check(self.heads_steps >= 0, "heads_steps", self.heads_steps, ">= 0 (0: no heads stage)")
+        check(self.heads_lr > 0, "heads_lr", self.heads_lr, "> 0")
+        for kind in ("detect", "generate"):
+            n = getattr(self, f"{kind}_scenes")
+            check(n >= (1 if getattr(self, f"{kind}_weight") > 0 else 0), f"{kind}_scenes", n,
+                  f">= 1 when {kind}_weight > 0 (>= 0 otherwise)")
         check(self.caption_weight + self.speech_weight + self.story_weight > 0, "caption_weight",
               self.caption_weight, "a positive sum of caption_weight, speech_weight and story_weight")
         check(self.show >= 0, "show", self.show, ">= 0")
@@ -106,6 +129,13 @@ class DemoConfig:
               f"{', '.join(SHAPES)})")
         check(len(pairs) < len(COLORS) * len(SHAPES), "novel_pairs", self.novel_pairs,
               "fewer pairs than colors times shapes (training needs some)")
+
+    def blend(self, stage: str = "heads") -> list[tuple[str, int, float]]:
+        """(kind, training scenes, blend weight) of the sample kinds a stage trains on, those of positive
+        weight: 'pretrain' the caption, speech and story kinds; 'heads' (the world: everything) all five."""
+        kinds = ("caption", "speech", "story") + (("detect", "generate") if stage == "heads" else ())
+        rows = [(k, getattr(self, f"{k}_scenes"), getattr(self, f"{k}_weight")) for k in kinds]
+        return [k for k in rows if k[2] > 0]
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -146,11 +176,13 @@ def demo_suite(checkpoint: Path, data, cfg, out: Path | None = None) -> dict:
 
 
 def _newest_checkpoint(out: Path) -> Path:
+    """The newest checkpoint of the demo's last training stage: ``heads/`` if the run has one, else ``model/``."""
     from omni.run import find_resume
 
-    ckpt = find_resume(out / "model", "auto")
+    folder = out / "heads" if (out / "heads").is_dir() else out / "model"
+    ckpt = find_resume(folder, "auto")
     if ckpt is None:
-        raise OmniError(f"no intact checkpoint in {out / 'model'}: rerun the demo to pretrain again")
+        raise OmniError(f"no intact checkpoint in {folder}: rerun the demo to train again")
     return ckpt
 
 
@@ -182,7 +214,9 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     import dataclasses
 
     from omni.checkpoint import load
-    from omni.document import Audio, Document, Image, Text
+    from omni.document import Audio, Detect, Document, Image, Text
+    from omni.eval.detection import evaluate_detection
+    from omni.eval.gen_head import evaluate_gen_head
     from omni.eval.judge import Judge
     from omni.generation.generator import generate
     from omni.generation.page import write_page
@@ -216,8 +250,10 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
         """caption -> image, best of N (rerank); the callback sees every candidate (rows i*N+k), so
         the first one is scored too: (generated documents, metrics)."""
         caps, N, rows = [sc.caption for sc in scs], w.image_rerank, {}
+        t0 = time.perf_counter()
         docs = run(caps, allow_text=False, allow_audio=False, min_images=1, max_images=1, max_new_tokens=n_img + 2,
                    rerank=N, on_token=lambda b, i: rows.setdefault(b, []).append(i))
+        seconds = (time.perf_counter() - t0) / max(len(scs), 1)
         seen = judge.predict(blank_or(docs))  # per image, the sorted [(color, shape)] the judge sees
         ok = [sorted(p) == sorted(sc.pairs) for p, sc in zip(seen, scs)]
         first_ok = [judge.correct(im, c) for im, c in zip(blank_or([tok.decode(rows[i * N]) for i in range(len(scs))]), caps)]
@@ -227,7 +263,10 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
              "chance_correct": float(np.mean([judge.correct(o.image, c) for o, c in zip(_roll(scs), caps)])),
              "judge_on_real_scenes": judge.evaluate(scs)["exact"],
              # the ceiling the image tokenizer sets: the judge on its encode -> decode of the real scenes
-             "judge_on_reconstructions": float(np.mean(reconstructed_correct(tok.image, judge, scs)))}
+             "judge_on_reconstructions": float(np.mean(reconstructed_correct(tok.image, judge, scs))),
+             # the batch's wall time per caption (N sampled candidates and their reranking pass) and per
+             # candidate; moved to metrics["per_item_seconds"] with the other timings
+             "seconds_per_image": seconds, "seconds_per_candidate": seconds / N}
         if novel:  # the novel-pair objects the judge sees in the images
             m["novel_objects_drawn"] = _novel_share(seen, scs, w.pairs)
         return docs, m
@@ -258,6 +297,16 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     most = max(len(sc.objects) for sc in scenes)
     story_docs = run(story_prompts, allow_text=False, allow_audio=False, min_images=most, max_images=most,
                      max_new_tokens=most * (n_img + 2) + 1)
+    # the routing heads (model.heads): <det> on three requests per scene, <gen> on every caption
+    heads = getattr(model, "heads", None)
+    det_shown: list = []
+    gen_images: list = []
+    routed = {}
+    if heads is not None and "det" in heads.heads:
+        routed["detection"] = evaluate_detection(model, tok, scenes, w.pairs, seed=cfg.seed, examples=det_shown)
+    if heads is not None and "gen" in heads.heads:
+        routed["gen_head"] = evaluate_gen_head(model, tok, judge, scenes, g.gen_guidance, g.gen_steps, cfg.seed,
+                                               images=gen_images)
     story_ok, story_chance = [], []
     for sc, doc in zip(scenes, story_docs):
         imgs = [_to_uint8(m) for m in _media([doc], Image)[0]]
@@ -280,11 +329,21 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
         "story": {"steps_correct": float(np.mean(story_ok)), "chance_steps_correct": float(np.mean(story_chance))},
         "compositional": {"split": f"compositional_{split}", "scenes": len(novel), "novel_pairs": list(w.novel_pairs),
                           "image_to_caption": novel_i2c, "caption_to_image": novel_c2i},
+        **routed,
         "model": {"checkpoint": str(_newest_checkpoint(out).relative_to(out)),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "seconds": {**seconds, "evaluate": round(eval_seconds, 1)},
     }
     metrics["seconds"]["total"] = round(sum(v for k, v in metrics["seconds"].items() if k != "total"), 1)
+    # wall time per item of each path, measured in this run (apart from the figures: timings vary by run)
+    per = {"vq_image_reranked": c2i.pop("seconds_per_image"), "vq_image": c2i.pop("seconds_per_candidate")}
+    for d in (novel_c2i,):
+        d.pop("seconds_per_image"), d.pop("seconds_per_candidate")
+    if "gen_head" in routed:
+        per["gen_head_image"] = routed["gen_head"].pop("seconds_per_image")
+    if "detection" in routed:
+        per["det_head_request"] = routed["detection"].pop("seconds_per_request")
+    metrics["per_item_seconds"] = per
 
     # the page: a few examples per task, then the stories of the recipe
     k = w.show
@@ -303,6 +362,12 @@ def evaluate_demo(out: Path, cfg, budget: str, seconds: dict, log=print, dest: P
     add("speech to text", [Document([Audio(np.array(wv), sr)]) for wv, sr in waves], stt_docs)
     add("novel pairs: caption to image", [Document([Text(sc.caption)]) for sc in novel], novel_img_docs)
     add("novel pairs: image to caption", [Document([Image(sc.image)]) for sc in novel], novel_cap_docs)
+    shown = [(req, sc, p) for kind, req, sc, p in det_shown if kind != "absent pair"][:2 * k]
+    add("<det> head: detection", [Document([Text(req), Image(sc.image)]) for req, sc, _ in shown],
+        [Document([Detect([b for b, s in p if s >= g.det_threshold], [s for _, s in p if s >= g.det_threshold],
+                          phrase=req.removeprefix("find "))]) for req, _, p in shown])
+    add("<gen> head: caption to image", [Document([Text(c)]) for c in captions],
+        [Document([Image(im)]) for im in gen_images])
     for p, o in zip(w.stories, stories):
         entries.append((Document([Text(p)]), o))
         labels.append("story")
@@ -357,7 +422,26 @@ def summary_table(metrics: dict) -> list[tuple[str, str, str]]:
         row("novel pairs, image to caption: attribute accuracy", c["image_to_caption"], "attribute_accuracy",
             "chance_attribute_accuracy"),
         row("novel pairs, caption to image: judged correct", c["caption_to_image"], "correct", "chance_correct"),
-    ]
+    ] + head_rows(m)
+
+
+def head_rows(m: dict) -> list[tuple[str, str, str]]:
+    """(task, figure, chance) rows of the routing heads, where the run trained them."""
+    rows = []
+    if "detection" in m:
+        d = m["detection"]
+        for key, name in (("the_shapes", '"find the shapes"'), ("every_pair", '"find every <color> <shape>"')):
+            rows.append((f"<det> head, {name}: AP@0.5 / AP@[.5:.95]", f"{d[key]['ap50']:.3f} / {d[key]['ap']:.3f}",
+                         f"{d[key]['chance_ap50']:.3f} / {d[key]['chance_ap']:.3f}"))
+    if "gen_head" in m:
+        gh, vq, per = m["gen_head"], m["caption_to_image"], m["per_item_seconds"]
+        rows.append((f"<gen> head, caption to image: judged correct ({per['gen_head_image']:.2f} s/image)",
+                     f"{gh['correct']:.1%}", f"{gh['chance_correct']:.1%}"))
+        if "correct_1_object" in gh:
+            rows.append(("<gen> head, one-object captions", f"{gh['correct_1_object']:.1%}", f"{gh['chance_1_object']:.1%}"))
+        rows.append((f"VQ tokens, caption to image: first sample ({per['vq_image']:.2f} s/image)",
+                     f"{vq['correct_first_candidate']:.1%}", f"{vq['chance_correct']:.1%}"))
+    return rows
 
 
 def summary_lines(metrics: dict) -> str:

@@ -150,21 +150,42 @@ def requests_of(scene, rng: np.random.Generator, novel_pairs) -> list[tuple[str,
             ("absent pair", f"find every {a[0]} {a[1]}", [])]
 
 
-def evaluate_detection(model, tok, scenes, novel_pairs=(), batch_size: int = 32, seed: int = 0) -> dict:
+def routed_forward(model, tok, rows: list):
+    """One teacher-forced pass over routed token rows (each a 1-D tensor, ``<det>``/``<gen>`` with their
+    slots): the rows right-padded (causal rows never see the padding; an M-RoPE model gets each row's
+    3-D positions), the heads' queries spliced in. Returns (final hidden states [B, L, D] float32,
+    ids [B, L], routes)."""
+    import torch
+
+    from omni.rope import batch_positions, uses_mrope
+
+    heads, device = model.heads, next(model.parameters()).device
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), tok.vocab.special("<pad>"), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)] = r
+    positions = batch_positions(rows, tok.vocab, L).to(device) if uses_mrope(model) else None
+    ids = ids.to(device)
+    routes = heads.find(ids)
+    hidden = model(ids, splice=heads.queries.splicer(routes), position_ids=positions, return_hidden=True).hidden
+    return hidden.float(), ids, routes
+
+
+def evaluate_detection(model, tok, scenes, novel_pairs=(), batch_size: int = 32, seed: int = 0,
+                       examples: list | None = None) -> dict:
     """COCO AP of ``model.heads``' detection head on ``scenes`` (teacher-forced: the request, the scene's
     image, then ``<det>`` and its slots, as the training documents are), by request kind, pooled, and
     the chance row of each (:func:`chance_predictions`); plus the share of absent-pair requests that
-    got a box scoring above 0.5."""
+    got a box scoring above 0.5. ``examples``, if given, receives every request as ``(kind, request,
+    scene, [(box, score), ...])`` in scene order (to show them)."""
     import torch
 
     with torch.inference_mode():
-        return _evaluate_detection(model, tok, scenes, novel_pairs, batch_size, seed)
+        return _evaluate_detection(model, tok, scenes, novel_pairs, batch_size, seed, examples)
 
 
-def _evaluate_detection(model, tok, scenes, novel_pairs, batch_size: int, seed: int) -> dict:
+def _evaluate_detection(model, tok, scenes, novel_pairs, batch_size: int, seed: int, examples) -> dict:
     import time
-
-    import torch
 
     from omni.document import Detect, Document, Image, Text
 
@@ -174,22 +195,17 @@ def _evaluate_detection(model, tok, scenes, novel_pairs, batch_size: int, seed: 
     rng = np.random.default_rng(seed)
     items = [(kind, req, gt, sc) for sc in scenes for kind, req, gt in requests_of(sc, rng, novel_pairs)]
     k = heads.queries.n_queries["<det>"]
-    device = next(model.parameters()).device
     preds = []
     t0 = time.perf_counter()
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         rows = [tok.encode(Document([Text(req), Image(sc.image), Detect()]), slots={"<det>": k})
                 for _, req, _, sc in chunk]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), tok.vocab.special("<pad>"), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = r  # right-padded: causal rows never see the padding
-        ids = ids.to(device)
-        routes = heads.find(ids)
-        hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
+        hidden, ids, routes = routed_forward(model, tok, rows)
         preds += heads.predict(hidden, ids, routes, threshold=0.0)
     seconds = time.perf_counter() - t0
+    if examples is not None:
+        examples += [(kind, req, sc, p) for (kind, req, _, sc), p in zip(items, preds)]
     size = scenes[0].image.shape[0] if scenes else 32
     out: dict = {"n_scenes": len(scenes), "seconds_per_request": seconds / max(len(items), 1)}
     chance = chance_predictions([gt for _, _, gt, _ in items], rng)

@@ -19,12 +19,17 @@ import numpy as np
 from omni.errors import OmniError
 
 
-def evaluate_gen_head(model, tok, judge, scenes, guidance: float = 1.0, steps: int = 20, seed: int = 0) -> dict:
+def evaluate_gen_head(model, tok, judge, scenes, guidance: float = 1.0, steps: int = 20, seed: int = 0,
+                      images: list | None = None, batch_size: int = 50) -> dict:
     """Judged-correct shares of the images the ``<gen>`` head makes for ``scenes``' captions (see the
-    module docstring); ``guidance`` and ``steps`` go to the sampler, ``seed`` to its noise."""
+    module docstring); ``guidance`` and ``steps`` go to the sampler, ``seed`` to its noise.
+    ``images``, if given, receives the images (uint8 [H, W, 3], one per scene). ``batch_size``
+    captions share a decoder pass and a sampler batch (the noise, drawn from one seeded generator,
+    depends on it)."""
     import torch
 
     from omni.document import Document, Generate, Text
+    from omni.eval.detection import routed_forward
 
     heads = getattr(model, "heads", None)
     if heads is None or "gen" not in heads.heads:
@@ -33,19 +38,20 @@ def evaluate_gen_head(model, tok, judge, scenes, guidance: float = 1.0, steps: i
         raise OmniError("the checkpoint's bundle has no image tokenizer to decode the head's codes")
     k = heads.queries.n_queries["<gen>"]
     g = torch.Generator().manual_seed(seed)
-    images = []
+    made = []
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for sc in scenes:
-            ids = tok.encode(Document([Text(sc.caption), Generate()]), slots={"<gen>": k})[None]
-            ids = ids.to(next(model.parameters()).device)
-            routes = heads.find(ids)
-            hidden = model(ids, splice=heads.queries.splicer(routes), return_hidden=True).hidden.float()
-            codes = heads.make_image(hidden, routes[-1], tok.image, g, guidance, steps)
-            pixels = tok.image.decode(codes[None].to(next(tok.image.parameters()).device))[0].clamp(0, 1)
-            images.append((pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        for i in range(0, len(scenes), batch_size):  # a batch of captions: one decoder pass, one sampler batch
+            rows = [tok.encode(Document([Text(sc.caption), Generate()]), slots={"<gen>": k})
+                    for sc in scenes[i:i + batch_size]]
+            hidden, _, routes = routed_forward(model, tok, rows)
+            codes = heads.make_images(hidden, routes, tok.image, g, guidance, steps)  # [R, h, w]
+            pixels = tok.image.decode(codes.to(next(tok.image.parameters()).device)).clamp(0, 1)  # [R, 3, H, W]
+            made += list((pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
     seconds = (time.perf_counter() - t0) / max(len(scenes), 1)
-    right = [judge.correct(im, sc.caption) for im, sc in zip(images, scenes)]
+    if images is not None:
+        images += made
+    right = [judge.correct(im, sc.caption) for im, sc in zip(made, scenes)]
     rolled = scenes[1:] + scenes[:1]
     chance = [judge.correct(o.image, sc.caption) for o, sc in zip(rolled, scenes)]
     out = {"n_scenes": len(scenes), "correct": float(np.mean(right)), "chance_correct": float(np.mean(chance)),

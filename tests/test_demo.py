@@ -83,18 +83,32 @@ def test_small_demo_writes_page_and_figures_near_the_readme(small_demo):
     assert m["caption_to_image"]["judge_on_real_scenes"] >= 0.95  # the judge itself reads real scenes
     assert m["text_to_speech"]["with_audio"] == 1.0
     assert set(m["seconds"]) >= {"world", "image", "audio", "pretrain", "evaluate", "total"}
+    # the routing heads, trained jointly with the decoder, on the same test scenes (three requests each)
+    det = m["detection"]
+    assert det["n_scenes"] == 30 and det["the_shapes"]["requests"] == 30 and det["every_pair"]["requests"] == 60
+    for key in ("the_shapes", "every_pair"):
+        assert det[key]["ap50"] >= det[key]["ap"] and det[key]["ap50"] > det[key]["chance_ap50"] + 0.2, (key, det[key])
+    gen = m["gen_head"]
+    assert gen["n_scenes"] == 30 and gen["guidance"] == 5.0
+    per = m["per_item_seconds"]  # each path's wall time per image (request), measured in the same run
+    assert per["vq_image_reranked"] == pytest.approx(16 * per["vq_image"]) and per["gen_head_image"] > 0
+    assert per["det_head_request"] > 0
     # the printed summary is the metrics file's
     assert f"{m['image_to_caption']['attribute_accuracy']:.1%}" in printed and "index.html" in printed
 
     page = (out / "index.html").read_text()
     for task in ("caption to image", "image to caption", "text to speech", "speech to text", "story",
-                 "novel pairs: caption to image", "novel pairs: image to caption"):
+                 "novel pairs: caption to image", "novel pairs: image to caption", "&lt;det&gt; head: detection",
+                 "&lt;gen&gt; head: caption to image"):
         assert f">{task}</h2>" in page, task
+    assert "&lt;det&gt; head, &quot;find the shapes&quot;: AP@0.5" in page  # the summary table's rows
     assets = out / "index_assets"
-    n_img, n_wav = len(list(assets.glob("*.png"))), len(list(assets.glob("*.wav")))
-    # 2 shown per task: caption->image and image->caption, on test and novel-pair scenes (8 images), + stories
-    assert n_img >= 8 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
-    assert page.count("<img") == n_img and page.count("<audio") == n_wav
+    n_img, n_wav = len(list(assets.glob("image_*.png"))), len(list(assets.glob("*.wav")))
+    # 2 shown per task: caption->image and image->caption, on test and novel-pair scenes (8 images),
+    # 4 detection prompts' images, 2 <gen> head images, + stories
+    assert n_img >= 8 + 4 + 2 + 3 and n_wav == 4  # text->speech outputs and speech->text prompts
+    assert len(list(assets.glob("detect_*.png"))) == 4  # each request's boxes drawn over its image
+    assert page.count("<img") == n_img + 4 and page.count("<audio") == n_wav
     cfg = (out / "config.yaml").read_text()
     assert "canvas: 32" in cfg and "steps: 1200" in cfg  # the resolved config, small budget included
 
@@ -128,14 +142,15 @@ def test_no_evaluation_scene_or_novel_pair_occurs_in_training(small_demo):
             assert split == "train" and shapes.split_of(sc, w.pairs) == "train" and not set(sc.pairs) & novel
             images = [np.asarray(PIL.Image.open(io.BytesIO(v)).convert("RGB")) for k, v in sorted(sample.items())
                       if k.endswith("png")]
-            want = {"caption": [sc.image], "story": [sc.alone(i) for i in range(len(sc.objects))], "speech": []}[kind]
+            want = {"caption": [sc.image], "story": [sc.alone(i) for i in range(len(sc.objects))], "speech": [],
+                    "detect": [sc.image], "generate": [sc.image]}[kind]
             assert len(images) == len(want) and all((a == b).all() for a, b in zip(images, want)), sample["__key__"]
             pixels.update(digest(a) for a in images)
             texts += [v.decode() for k, v in sample.items() if k.endswith("txt")]
             texts += [seg["text"] for k, v in sample.items() if k.endswith("json")
                       for seg in json.loads(v)["segments"] if "text" in seg]
             n[kind] += 1
-    assert n == {"caption": w.caption_scenes, "speech": w.speech_scenes, "story": w.story_scenes}
+    assert n == {kind: scenes for kind, scenes, _ in w.blend()} and len(n) == 5
     assert all(not set(shapes.parse_caption(t)) & novel for t in texts)
     assert sum(len(shapes.parse_caption(t)) for t in texts) > 5000  # the texts were read
     for split in ("validation", "test", "compositional_validation", "compositional_test"):
@@ -157,15 +172,19 @@ def test_killed_demo_resumes_where_it_stopped(small_demo):
     assert "decoder pretraining ..." in second and "resuming pretraining from model/step_" in second
     steps = [json.loads(ln)["step"] for ln in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 1200
+    # then the heads stage: from pretraining's last checkpoint, the decoder with both heads on every kind
+    rows = [json.loads(ln) for ln in (out / "heads" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 150 and all(r["routes_det"] > 0 and r["routes_gen"] > 0 for r in rows)
+    assert f"init_from: {out / 'model'}" in (out / "heads" / "run.yaml").read_text()
     state = json.loads((out / "demo_state.json").read_text())
     assert list(state["done"]) == ["world", "text", "image", "audio", "bundle", "judge", "preprocess",
-                                   "pretrain", "evaluate"]
+                                   "pretrain", "heads", "evaluate"]
 
 
 def test_finished_demo_reruns_in_seconds_and_refuses_other_settings(small_demo):
     out, _, _ = small_demo
     rc, printed, _ = run_cli("demo", "--out", out, "--budget", "small", "--quiet")
-    assert rc == 0 and printed.count("done already") == 9
+    assert rc == 0 and printed.count("done already") == 10
     rc, _, err = run_cli("demo", "--out", out, "--budget", "default", "--quiet")
     assert rc == 2 and "holds a demo run with other settings" in err and "tokenizer.image.steps (400 -> 1600)" in err
 
@@ -182,7 +201,8 @@ def test_eval_demo_suite_reproduces_the_demo_figures(small_demo, tmp_path):
         return json.loads((dest / "metrics.json").read_text())
 
     first, again = json.loads((out / "metrics.json").read_text()), suite(tmp_path / "again", "demo.split=test")
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    timings = ("seconds", "per_item_seconds")
+    assert {k: v for k, v in again.items() if k not in timings} == {k: v for k, v in first.items() if k not in timings}
     assert (tmp_path / "again" / "index.html").is_file()
     # by default the suite measures the validation split, where a recipe is tuned
     val = suite(tmp_path / "val")
@@ -208,4 +228,43 @@ def test_bad_demo_settings_exit_2_naming_the_key(tmp_path):
     assert rc == 2 and "demo.split='train' is invalid: expected one of 'validation', 'test'" in err
     rc, _, err = run_cli("demo", "--budget", "huge")
     assert rc == 2 and "invalid choice: 'huge'" in err
-    assert not any((tmp_path / d).exists() for d in "abd")
+    rc, _, err = run_cli("demo", "--out", tmp_path / "e", "heads.det.enabled=false")
+    assert rc == 2 and "demo.detect_weight=0.3 but heads.det.enabled=false" in err
+    rc, _, err = run_cli("demo", "--out", tmp_path / "f", "heads.gen.n_queries=8")
+    assert rc == 2 and "heads.gen.n_queries=8 must equal data.preprocess.gen_queries=16" in err
+    rc, _, err = run_cli("demo", "--out", tmp_path / "g", "demo.detect_scenes=0")
+    assert rc == 2 and "demo.detect_scenes=0 is invalid: expected >= 1 when detect_weight > 0" in err
+    rc, _, err = run_cli("demo", "--out", tmp_path / "h", "demo.heads_steps=0")
+    assert rc == 2 and "heads.det.enabled=true but demo.heads_steps=0" in err
+    assert not any((tmp_path / d).exists() for d in "abdefgh")
+
+
+def test_every_budget_trains_both_heads_and_large_trains_longest(monkeypatch):
+    """The three budgets load; each trains the <det> and <gen> heads on their documents, and the
+    large one trains longer, on more scenes, than the default, which trains longer than the small."""
+    from omni.demo import BUDGETS, demo_config, train_config
+
+    cfgs = {b: demo_config(b) for b in BUDGETS}
+    for b, c in cfgs.items():
+        assert c.heads.enabled == {"<det>": 4, "<gen>": 16}, b
+        assert [k for k, _, _ in c.demo.blend()] == ["caption", "speech", "story", "detect", "generate"], b
+        assert [k for k, _, _ in c.demo.blend("pretrain")] == ["caption", "speech", "story"], b
+    for stage in ("pretrain", "heads"):
+        steps = [cfgs[b].train.steps if stage == "pretrain" else cfgs[b].demo.heads_steps
+                 for b in ("small", "default", "large")]
+        assert steps == sorted(steps) and len(set(steps)) == 3, stage
+    assert cfgs["large"].demo.detect_scenes > cfgs["default"].demo.detect_scenes
+    # the stages' RunConfigs: pretraining without heads into model/, the heads stage from it into heads/
+    import types
+
+    from omni.bundle import UnifiedTokenizer
+
+    out = Path("/nonexistent/demo")  # no bundle there: only its vocabulary size is read
+    monkeypatch.setattr(UnifiedTokenizer, "load", staticmethod(lambda path: types.SimpleNamespace(
+        vocab=types.SimpleNamespace(size=1000))))
+    pre, heads = train_config(out, cfgs["default"]), train_config(out, cfgs["default"], "heads")
+    assert pre.heads.enabled == {} and pre.train.out == str(out / "model") and pre.train.steps == 1250
+    assert [Path(p).name for p in pre.data.paths] == ["caption", "speech", "story"]
+    assert heads.heads.enabled == {"<det>": 4, "<gen>": 16} and heads.train.init_from == str(out / "model")
+    assert heads.train.out == str(out / "heads") and heads.train.steps == 400 and heads.train.lr == 1e-3
+    assert len(heads.data.paths) == 5 and heads.data.weights[3:] == [0.3, 0.2]

@@ -131,6 +131,11 @@ class DiffusionHeadConfig:
     """M of the resampler (learned latents); the linear mapper keeps M = K."""
     cond_dropout: float = 0.1
     """Share of training rows whose condition is replaced by the learned null condition (classifier-free guidance)."""
+    noise_repeats: int = 1
+    """Training: each target is noised this many times (own timestep and noise each) under its one
+    condition, MAR's diffusion batch multiplier (Li et al. 2024, arXiv 2406.11838: 4). The denoiser's
+    cost on a CPU is mostly per call, not per row, so more noise draws per decoder pass are cheap;
+    the loss is a mean over all of them."""
     objective: str = "flow"
     """One of :data:`OBJECTIVES`."""
     guidance: float = 1.0
@@ -145,7 +150,7 @@ class DiffusionHeadConfig:
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
         for name in ("dim", "n_queries", "channels", "size", "unshuffle", "layers", "head_dim", "patch",
-                     "cross_dim", "n_latents", "steps"):
+                     "cross_dim", "n_latents", "steps", "noise_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"heads.gen.{name}={value!r} is invalid: expected a positive integer")

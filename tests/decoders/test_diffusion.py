@@ -59,6 +59,23 @@ def test_loss_is_finite_and_reaches_the_query_states(kw):
     assert q2.grad is None or q2.grad.abs().sum() == 0
 
 
+def test_noise_repeats_draw_new_noise_under_the_same_condition():
+    """MAR's batch multiplier: r noised copies of each target, each with its own timestep and noise,
+    under that row's one condition (dropped or not for all r); only in training."""
+    head = tiny(noise_repeats=3, cond_dropout=0.5)
+    q, x = torch.randn(4, K, D, requires_grad=True), torch.randn(4, 4, 4, 4)
+    out = head(q, target=x, generator=torch.Generator().manual_seed(2))
+    assert out.prediction.shape == out.target.shape == (12, 4, 4, 4) and out.timesteps.shape == (12,)
+    assert torch.equal(out.dropped, out.dropped[:4].repeat(3)) and 0 < out.dropped[:4].sum() < 4
+    assert len(set(out.timesteps.tolist())) == 12  # a timestep per copy
+    # flow: target v = eps - x0, so the copies' noise differs while x0 is the row's own target
+    eps = out.target + x.repeat(3, 1, 1, 1)
+    assert not torch.allclose(eps[:4], eps[4:8])
+    head.loss(out)["gen_diffusion"].backward()
+    assert q.grad[~out.dropped[:4]].abs().sum() > 0
+    assert head.eval()(q, target=x).prediction.shape[0] == 4  # evaluation: one draw per row
+
+
 def test_condition_dropout_uses_the_null_at_the_configured_rate():
     head = tiny(cond_dropout=0.25)
     q = torch.randn(2000, K, D)
@@ -153,6 +170,7 @@ def test_latent_round_trip_gives_the_tokenizers_own_codes():
     ({"guidance": -1.0}, "guidance=-1.0"), ({"steps": 0}, "steps=0"), ({"cond_dropout": 1.0}, "cond_dropout"),
     ({"denoiser": "vae"}, "denoiser='vae'"), ({"size": 6, "widths": (32, 32, 32)}, "multiple of 4"),
     ({"size": 4, "unshuffle": 3}, "unshuffle=3"), ({"widths": (48,)}, "multiples of"),
+    ({"noise_repeats": 0}, "noise_repeats=0"),
 ])
 def test_bad_config_is_refused(kw, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):

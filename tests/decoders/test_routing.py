@@ -89,6 +89,18 @@ def test_head_loss_sends_gradients_into_the_decoder_and_the_queries(model, vocab
     assert q.queries["gen"].grad is None  # no <gen> in the row
 
 
+def test_gather_takes_each_routes_slots_in_route_order():
+    """One gather for all routes (rows and positions mixed) equals indexing each route alone."""
+    from omni.decoders.routing import Route
+
+    hidden = torch.randn(3, 20, 8)
+    routes = [Route(2, 3, "<det>", 4), Route(0, 10, "<det>", 4), Route(1, 0, "<gen>", 2), Route(0, 1, "<det>", 4)]
+    q = SuperLinkQueries(8, {"<det>": 4, "<gen>": 2}, {"<det>": 1, "<gen>": 2, SLOT: 0})
+    got = q.gather(hidden, routes)
+    assert torch.equal(got["<det>"], torch.stack([hidden[r.row, r.slots] for r in routes if r.name == "<det>"]))
+    assert torch.equal(got["<gen>"], hidden[1, 1:3][None])
+
+
 def test_generation_step_feeds_the_queries_once_and_later_tokens_attend_to_them(model, vocab):
     q = _queries(model, vocab)
     ids = _routed(vocab)

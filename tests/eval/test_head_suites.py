@@ -83,3 +83,47 @@ def test_gen_head_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, rea
     assert rc == 2 and "gen.judge is not set" in err
     rc, _, err = run_cli("eval", "gen-head", "--checkpoint", tmp_path / "plain", f"gen.judge={tmp_path / 'judge'}")
     assert rc == 2 and "has no diffusion head" in err and "Traceback" not in err
+
+
+def test_head_suites_read_an_mrope_model_at_its_3d_positions(monkeypatch, tiny_model_config, real_tokenizer):
+    """Both suites run an M-RoPE model at the rows' own (time, height, width) positions, as training
+    and generation do: each forward gets [3, B, L] equal to omni.rope.mrope_positions of every row."""
+    import dataclasses
+
+    from omni.config.heads import DetectionHeadConfig, DiffusionHeadConfig, HeadsConfig
+    from omni.config.model import RopeConfig
+    from omni.decoders.routing import RoutingHeads
+    from omni.eval.detection import evaluate_detection
+    from omni.eval.gen_head import evaluate_gen_head
+    from omni.eval.judge import Judge, JudgeConfig
+    from omni.model import OmniDecoder
+    from omni.rope import mrope_positions
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_model_config, rope=RopeConfig(kind="mrope"))
+    model = OmniDecoder(cfg).eval()
+    model.heads = RoutingHeads(HeadsConfig(
+        det=DetectionHeadConfig(enabled=True, width=32, n_objects=4, n_layers=1, n_heads=2, ffn_dim=64),
+        gen=DiffusionHeadConfig(enabled=True, n_queries=4, widths=(32,), head_dim=16, cross_dim=16, steps=2)),
+        cfg.dim, real_tokenizer.vocab.specials, (4, 4), image_tokenizer=real_tokenizer.image)
+    seen = []
+    forward = OmniDecoder.forward
+
+    def spy(self, ids, *args, position_ids=None, **kw):
+        seen.append((ids.clone(), position_ids))
+        return forward(self, ids, *args, position_ids=position_ids, **kw)
+
+    monkeypatch.setattr(OmniDecoder, "forward", spy)
+    scenes = toy.scenes(2, "validation", size=32, grid=4)
+    evaluate_detection(model, real_tokenizer, scenes, toy.NOVEL_PAIRS, batch_size=4)
+    evaluate_gen_head(model, real_tokenizer, Judge(JudgeConfig(size=32)), scenes, steps=2)
+    assert len(seen) == 2 + 1  # two detection batches (6 requests), one <gen> batch (2 captions)
+    pad = real_tokenizer.vocab.special("<pad>")
+    for ids, pos in seen:
+        assert pos is not None and pos.shape == (3, *ids.shape)
+        for row, p in zip(ids, pos.unbind(1)):
+            n = int((row != pad).sum()) if (row == pad).any() else len(row)
+            want = torch.from_numpy(mrope_positions(row[:n].numpy(), real_tokenizer.vocab)[0])
+            assert torch.equal(p[:, :n], want)
+            if (row == real_tokenizer.vocab.special("<boi>")).any():  # the detection rows hold an image:
+                assert (p[1, :n] != p[2, :n]).any()  # its rows and columns, truly 3-D
