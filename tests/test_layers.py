@@ -9,8 +9,8 @@ From the bottom up; a layer may import the layers below it, never the ones above
     omni.tokenizers, omni.decoders        components: modality tokenizers (text, image, audio) and
                                           task heads behind routing tokens (<det>, <gen>)
     omni.document, omni.vocab,            core: document types, the unified vocabulary and
-    omni.bundle, omni.model,              tokenizer bundle, the decoder, checkpoints (which hold
-    omni.checkpoint, omni.chameleon       the heads), the Chameleon import
+    omni.bundle, omni.model, omni.rope,   tokenizer bundle, the decoder and its position encodings,
+    omni.checkpoint, omni.chameleon       checkpoints (which hold the heads), the Chameleon import
     omni.data                             raw shards -> packed token datasets, the training stream
     omni.parallel                         process groups, distributed helpers
     omni.train                            the training loop
