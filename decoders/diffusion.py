@@ -65,11 +65,17 @@ reads as the document continues and the tokenizer's decoder turns into pixels. T
 a VQ with l2-normalized codes (the demo's) lie on a sphere of a few dimensions, so the snap also
 removes the small errors of a short sampler.
 
-Defaults not yet settled by measurement: the UNet2DConditionModel (the DiT, diffusers'
-Transformer2DModel with adaLN-single, and the linear-beta DDPM + DPM-Solver++ objective are built
-and tested, and ``bench/diffusion_head.py --arms latent,latent-dit,latent-ddpm`` compares them, but
-the shared machine left no time to run those arms), flow matching (a linear path; the note's
-cosine-schedule DDPM diverged under DPM-Solver, its linear one was stable), a linear mapper.
+The denoiser: a UNet2DConditionModel, chosen over the DiT (diffusers' Transformer2DModel with
+adaLN-single) by the same bench at equal wall clock (short test runs shared the machine for part of it)::
+
+    nice -n 5 .venv/bin/python bench/diffusion_head.py --arms latent,latent-dit --budget 150   (2026-12-06)
+
+    arm          params  train s  steps  loss   guidance  1 obj   2-3 obj  s/image
+    latent UNet  4.22M   150      325    0.40   1         43.3%   4.2%     0.050
+    latent DiT   1.15M   150      504    0.30   1          8.3%   0.8%     0.032
+
+Not yet settled by measurement: flow matching (a linear path; the note's cosine-schedule DDPM
+diverged under DPM-Solver, its linear one was stable; ``--arms latent-ddpm`` compares), a linear mapper.
 """
 
 from __future__ import annotations

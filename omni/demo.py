@@ -19,8 +19,8 @@ The demo runs the project's real pipeline, stage by stage, into one folder ``DIR
    head and the ``<gen>`` diffusion head, their losses added to the LM's), on the whole blend with
    the detection and generation documents (``DIR/heads``, resumable the same way). A stage of its
    own, as VisionLLM v2 trains its decoders after the LLM: trained jointly from the first step, the
-   heads' gradients reached the decoder at ten times the LM's norm and, clipped together, left the
-   LM too little (README: 52.6% image to caption where pretraining alone gives 98.5%).
+   heads' gradients reached the decoder at many times the LM's norm and, clipped together with it,
+   left the LM too little to learn from; every task fell toward chance.
 9. ``evaluate``: generations on the test split (scenes disjoint from training by content, and a
    compositional set whose color-shape pairs no training sample shows), judged, into
    ``DIR/metrics.json`` and ``DIR/index.html`` (caption to image, image to caption, text to
