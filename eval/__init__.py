@@ -9,7 +9,8 @@
   stories), judged on scenes disjoint from training by content;
 * :mod:`omni.eval.detection`: COCO AP of the ``<det>`` head (pycocotools), its chance row, and the
   detection suite on toy-world scenes;
-* :mod:`omni.eval.gen_head`: the images of the ``<gen>`` head for held-out captions, judged.
+* :mod:`omni.eval.gen_head`: the images of the ``<gen>`` head for held-out captions, judged;
+* :mod:`omni.eval.niah`: needle in a haystack, text and vision (LongVA's V-NIAH), over length x depth.
 
 :data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
 runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an
@@ -31,6 +32,7 @@ SUITES = Registry("evaluation suite", "suites", {
     "demo": "omni.eval.demo:demo_suite",
     "detection": "omni.eval.detection:detection_suite",
     "gen-head": "omni.eval.gen_head:gen_head_suite",
+    "niah": "omni.eval.niah:niah_suite",
 })
 """Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
 

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its scenes are made from its own config; demo.split=validation (default) or test), detection "
         "(--checkpoint: a checkpoint with a <det> head; COCO AP on toy-world scenes of detection.split, "
         "with chance rows), gen-head (--checkpoint: a checkpoint with a <gen> head; gen.judge=JUDGE_DIR; "
-        "its images for held-out captions, judged).",
+        "its images for held-out captions, judged), niah (--checkpoint: any checkpoint; --lengths, --depths, "
+        "--kind text|vision: needle-in-a-haystack exact match over length x depth; --out writes metrics.json, "
+        "niah.png and index.html).",
         epilog=help_text(EvalConfig),
         formatter_class=Formatter,
     )
@@ -30,8 +32,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", default=[], metavar="PATH",
                    help="evaluation data (folders, files, .tar shards, photos:heldout); repeat for more")
     p.add_argument("--out", metavar="DIR", help="write metrics.json (and the suite's page, if any) here")
+    p.add_argument("--lengths", metavar="N,N,...", help="niah: context lengths in tokens (niah.lengths)")
+    p.add_argument("--depths", metavar="D,D,...", help="niah: needle depths in [0, 1] (niah.depths)")
+    p.add_argument("--kind", choices=("text", "vision"), help="niah: text NIAH or V-NIAH (niah.kind)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides, see below")
     p.set_defaults(func=_eval)
+
+
+def _niah_flags(args) -> list[str]:
+    """--lengths/--depths/--kind as the niah.* overrides they stand for (refused for other suites)."""
+    from omni.errors import OmniError
+
+    given = {k: getattr(args, k) for k in ("lengths", "depths", "kind") if getattr(args, k) is not None}
+    if given and args.suite != "niah":
+        raise OmniError(f"--{'/--'.join(given)} belong to the niah suite, not {args.suite!r}")
+    out = [f"niah.kind={given['kind']}"] if "kind" in given else []
+    out += [f"niah.{k}=[{given[k]}]" for k in ("lengths", "depths") if k in given]
+    return out
 
 
 def run_suite(name: str, checkpoint: str, data: Sequence[str], overrides: Sequence[str], out=None) -> dict:
@@ -53,7 +70,7 @@ def _eval(args) -> int:
 
     from omni.eval.tokenizers import write_json
 
-    m = run_suite(args.suite, args.checkpoint, args.data, args.overrides, args.out)
+    m = run_suite(args.suite, args.checkpoint, args.data, _niah_flags(args) + list(args.overrides), args.out)
     if args.out:
         write_json(m, Path(args.out) / "metrics.json")
     print(json.dumps(m, indent=1))

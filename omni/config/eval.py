@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omni.config.base import check, check_choice
+from omni.config.model import RopeConfig
 
 
 @dataclass
@@ -107,6 +108,44 @@ class GenHeadEvalConfig:
 
 
 @dataclass
+class NiahEvalConfig:
+    """The needle-in-a-haystack suite (`omni eval niah`): exact-match retrieval over length x depth."""
+
+    kind: str = "text"
+    """'text' (a magic number hidden in real text) or 'vision' (V-NIAH: an odd picture among haystack pictures)."""
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    """Context lengths in tokens (V-NIAH: as many whole pictures as fit)."""
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Needle depths: the share of the haystack before the needle, each in [0, 1]."""
+    items: int = 20
+    """Items per (length, depth) cell."""
+    split: str = "test"
+    """Haystack text, magic numbers and pictures of this split: 'validation' (tune here) or 'test'
+    (report once); both disjoint from 'train' by content."""
+    seed: int = 0
+    """Seed of the items."""
+    grid: int = 1
+    """V-NIAH: objects on a grid of this many pixels, as the training scenes were drawn (the demo's: 4)."""
+    batch_size: int = 4
+    """Items per forward."""
+    rope: RopeConfig | None = None
+    """The position encoding to evaluate with (niah.rope.kind=yarn niah.rope.factor=4 ...); null: the checkpoint's own."""
+    extrapolate: bool = False
+    """Allow lengths beyond what the position encoding covers (to measure plain extrapolation)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.kind, "kind", ("text", "vision"))
+        check(len(self.lengths) >= 1 and all(n >= 1 for n in self.lengths), "lengths", self.lengths,
+              "a non-empty list of token counts >= 1")
+        check(len(self.depths) >= 1 and all(0.0 <= d <= 1.0 for d in self.depths), "depths", self.depths,
+              "a non-empty list of depths in [0, 1]")
+        check(self.items >= 1, "items", self.items, ">= 1")
+        check_choice(self.split, "split", ("validation", "test"))
+        check(self.grid >= 1, "grid", self.grid, ">= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
 class EvalConfig:
     """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
 
@@ -120,3 +159,5 @@ class EvalConfig:
     """The detection suite."""
     gen: GenHeadEvalConfig = field(default_factory=GenHeadEvalConfig)
     """The gen-head suite."""
+    niah: NiahEvalConfig = field(default_factory=NiahEvalConfig)
+    """The needle-in-a-haystack suite."""

@@ -549,7 +549,6 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     shard that exists is whole: with ``resume`` such shards are kept, not written again (the
     caller keeps the arguments the same). Returns the shard paths.
     """
-    import webdataset as wds
 
     for kind in kinds:
         if kind not in KINDS:
@@ -564,19 +563,30 @@ def write_shards(out: str | os.PathLike, n_scenes: int, split: str = "train", se
     # a story shows each object alone: in training, those pictures must be training scenes too
     todo = scenes(n_scenes, split, seed, novel_pairs, parts="story" in kinds and split == "train", size=size,
                   grid=grid, order=order)
+    return write_tar_shards(out, f"shapes-{split}", todo, scenes_per_shard, resume,
+                            lambda sc: samples(sc, f"{split}-{sc.seed:x}", kinds, sample_rate))
+
+
+def write_tar_shards(out: str | os.PathLike, stem: str, todo: Sequence, per_shard: int, resume: bool,
+                     samples_of) -> list[Path]:
+    """Write ``samples_of(x)`` (a list of WebDataset samples) for each ``x`` of ``todo`` into
+    ``out/STEM-000.tar`` ..., ``per_shard`` items a shard. Each shard is written to a temp file and
+    renamed, so a shard that exists is whole; with ``resume`` such shards are kept."""
+    import webdataset as wds
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
-    for j, first in enumerate(range(0, len(todo), scenes_per_shard)):
-        path = d / f"shapes-{split}-{j:03d}.tar"
+    for j, first in enumerate(range(0, len(todo), per_shard)):
+        path = d / f"{stem}-{j:03d}.tar"
         tmp = d / f".{path.name}.tmp"
         paths.append(path)
         if resume and path.is_file():
             continue
         try:
             with wds.TarWriter(str(tmp)) as w:
-                for sc in todo[first : first + scenes_per_shard]:
-                    for sample in samples(sc, f"{split}-{sc.seed:x}", kinds, sample_rate):
+                for x in todo[first : first + per_shard]:
+                    for sample in samples_of(x):
                         w.write(sample)
             os.replace(tmp, path)
         finally:

@@ -128,3 +128,22 @@ def test_resolve_recipe_by_name_lists_choices_when_unknown():
     assert resolve_recipe("tokenizers/text").name == "text.yaml"
     with pytest.raises(ConfigError, match="tokenizers/text"):
         resolve_recipe("no-such-recipe")
+
+
+def test_stage_recipes_continue_the_demo_model():
+    """recipes/stages/ continue a demo checkpoint (train.init_from): their model shapes are the demo's."""
+    import yaml
+
+    from omni.config import recipes_dir
+
+    root = Path(str(recipes_dir()))
+    demo = yaml.safe_load((root / "demo" / "default.yaml").read_text())["model"]
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qk_norm")
+    stages = sorted((root / "stages").glob("*.yaml"))
+    assert [p.name for p in stages] == ["long_context.yaml", "needles.yaml"]
+    for path in stages:
+        model = yaml.safe_load(path.read_text())["model"]
+        assert {k: model[k] for k in shape} == {k: demo[k] for k in shape}, path
+    long = load_config(RunConfig, root / "stages" / "long_context.yaml")
+    assert long.model.max_seq_len == long.data.seq_len == 4 * long.model.rope.original_max_position_embeddings
+    assert long.model.rope.kind == "yarn" and long.model.rope.factor == 4
