@@ -1,4 +1,5 @@
-"""`omni data preprocess`: tokenize WebDataset shards into packed token datasets."""
+"""`omni data preprocess`: tokenize WebDataset shards into packed token datasets; `omni data needles`: the
+toy world's long documents (needle-in-a-haystack items, albums, long text) for a long-context stage."""
 
 from __future__ import annotations
 
@@ -40,6 +41,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, see below")
     pre.set_defaults(func=_preprocess)
+
+    from omni.toy.needles import KINDS, SPLITS
+
+    nd = dsub.add_parser(
+        "needles",
+        help="write the toy world's long documents (text needles, V-NIAH items, albums, long text) as shards",
+        description="Write WebDataset shards of long documents sized in tokens of a tokenizer bundle "
+        "(omni.toy.needles): 'needle' (a magic number hidden in real text, the question, the answer scored), "
+        "'vniah' (an odd picture among haystack pictures, the question, the answer scored), 'album' (pictures "
+        "with their captions) and 'long_text' (real text). Haystack text, magic numbers and scenes are split "
+        "by content, as `omni eval niah` reads them. A rerun keeps finished shards.",
+        formatter_class=Formatter,
+    )
+    nd.add_argument("out", metavar="DIR", help="folder to write shards into")
+    nd.add_argument("--tokenizer", required=True, metavar="BUNDLE", help="the bundle documents are sized for")
+    nd.add_argument("--docs", type=int, default=1000, help="documents of each kind (default 1000)")
+    nd.add_argument("--kinds", default="needle", help=f"comma-separated kinds: {', '.join(KINDS)} (default needle)")
+    nd.add_argument("--max-tokens", type=int, default=256, help="longest document in tokens (default 256)")
+    nd.add_argument("--min-tokens", type=int, default=None, help="shortest (default: a quarter of --max-tokens)")
+    nd.add_argument("--split", default="train", choices=SPLITS, help="content split (default train)")
+    nd.add_argument("--grid", type=int, default=1, help="objects on a grid of this many pixels (the demo's: 4)")
+    nd.add_argument("--per-shard", type=int, default=1000, help="documents per shard (default 1000)")
+    nd.add_argument("--seed", type=int, default=0)
+    nd.set_defaults(func=_needles)
+
+
+def _needles(args) -> int:
+    from omni.bundle import UnifiedTokenizer
+    from omni.toy.needles import write_shards
+
+    tok = UnifiedTokenizer.load(args.tokenizer)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    paths = write_shards(args.out, tok, args.docs, kinds, args.max_tokens, args.min_tokens, args.split, args.seed,
+                         args.grid, args.per_shard, resume=True)
+    print(f"wrote {args.docs} {args.split} documents of each of {', '.join(kinds)} ({len(paths)} shards) to {args.out}")
+    return 0
 
 
 def slurm_array_rank_world() -> tuple[int, int]:

@@ -22,18 +22,16 @@ Sizes are in tokens of a tokenizer bundle: items are built as ids (:func:`text_i
 documents in the format of docs/data.md (:func:`write_shards`; the haystack and question are
 ``prompt`` segments, so only the answer is scored).
 
-``python -m omni.toy.needles OUT --tokenizer DIR --docs N --max-tokens 256`` writes training shards.
+``omni data needles OUT --tokenizer DIR --docs N --max-tokens 256`` writes training shards.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +259,8 @@ def document(kind: str, tok, max_tokens: int, rng: np.random.Generator, split: s
     length = int(rng.integers(lo, max_tokens + 1))
     depth = float(rng.random())
     if kind == "needle":
-        it = text_item(tok, length - 2, depth, rng, split)  # - 2: the period and a margin for re-encoding
+        least = 8 + len(tok.encode_text(" " + NEEDLE.format("1234567") + QUESTION + " 1234567"))
+        it = text_item(tok, min(max(length, least), max_tokens) - 2, depth, rng, split)  # - 2: the period, a margin
         prompt = _text(tok, it.ids[1:it.answer_start])
         segs = [{"text": prompt, "prompt": True}, {"text": " " + it.answer + "."}]
         return {"json": json.dumps({"segments": segs}).encode()}
@@ -327,34 +326,3 @@ def write_shards(out: str | os.PathLike, tok, n_docs: int, kinds: Sequence[str] 
         return [{"__key__": f"{split}-{kind}-{i}", **document(kind, tok, max_tokens, rng, split, pool, min_tokens)}]
 
     return write_tar_shards(out, f"needles-{split}", todo, docs_per_shard, resume, samples_of)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m omni.toy.needles", description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="folder to write shards into")
-    ap.add_argument("--tokenizer", required=True, metavar="DIR", help="the tokenizer bundle documents are sized for")
-    ap.add_argument("--docs", type=int, default=1000, help="documents of each kind (default 1000)")
-    ap.add_argument("--kinds", default="needle", help=f"comma-separated kinds ({', '.join(KINDS)}; default needle)")
-    ap.add_argument("--max-tokens", type=int, default=256, help="longest document in tokens (default 256)")
-    ap.add_argument("--min-tokens", type=int, default=None, help="shortest (default: a quarter of --max-tokens)")
-    ap.add_argument("--split", default="train", choices=SPLITS)
-    ap.add_argument("--grid", type=int, default=1, help="objects on a grid of this many pixels (the demo's: 4)")
-    ap.add_argument("--per-shard", type=int, default=1000, help="documents per shard (default 1000)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        from omni.bundle import UnifiedTokenizer
-
-        tok = UnifiedTokenizer.load(args.tokenizer)
-        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        paths = write_shards(args.out, tok, args.docs, kinds, args.max_tokens, args.min_tokens, args.split,
-                             args.seed, args.grid, args.per_shard, resume=True)
-    except OmniError as e:
-        print(f"python -m omni.toy.needles: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.docs} {args.split} documents of each of {', '.join(kinds)} ({len(paths)} shards) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

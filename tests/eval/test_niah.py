@@ -107,9 +107,11 @@ def test_training_documents_fit_and_score_only_the_answer(tmp_path, real_tokeniz
     from omni.data.preprocess import preprocess
 
     real_tokenizer.save(tmp_path / "bundle")
-    paths = needles.write_shards(tmp_path / "raw", real_tokenizer, 4, needles.KINDS, max_tokens=200, grid=4,
-                                 docs_per_shard=6)
-    assert len(paths) == 3
+    rc, out, err = run_cli("data", "needles", tmp_path / "raw", "--tokenizer", tmp_path / "bundle", "--docs", "4",
+                           "--kinds", ",".join(needles.KINDS), "--max-tokens", "200", "--grid", "4", "--per-shard", "6")
+    assert rc == 0 and "(3 shards)" in out, err
+    rc, _, err = run_cli("data", "needles", tmp_path / "bad", "--tokenizer", tmp_path / "bundle", "--kinds", "haystack")
+    assert rc == 2 and "choose from needle, vniah, album, long_text" in err
     held_out = [s for s in needles.sentences("test") if len(s) > 60]
     summary = preprocess([str(tmp_path / "raw")], tmp_path / "bundle", tmp_path / "tok", PreprocessConfig(),
                          progress=False)
