@@ -67,9 +67,10 @@ def items(tok, kind: str, length: int, depth: float, n: int, seed: int, split: s
     return [needles.vision_item(pool, length, depth, rng) for _ in range(n)]
 
 
-def score(model, tok, batch: list) -> list[bool]:
+def score(model, tok, batch: list, predictions: list | None = None) -> list[bool]:
     """Exact match of each item's answer under teacher forcing: one forward over the right-padded
-    rows; the argmax at position t - 1 must be ``ids[t]`` for every answer position t."""
+    rows; the argmax at position t - 1 must be ``ids[t]`` for every answer position t.
+    ``predictions``, if given, receives each item's argmax answer ids."""
     import torch
 
     from omni.rope import batch_positions, uses_mrope
@@ -87,6 +88,8 @@ def score(model, tok, batch: list) -> list[bool]:
     for j, it in enumerate(batch):
         pred = logits[j, it.answer_start - 1:it.answer_end - 1].argmax(-1).cpu()
         out.append(bool((pred == ids[j, it.answer_start:it.answer_end]).all()))
+        if predictions is not None:
+            predictions.append(pred.tolist())
     return out
 
 
@@ -94,7 +97,7 @@ def evaluate_niah(model, tok, kind: str, lengths, depths, n: int = 10, seed: int
                   batch_size: int = 4, grid: int = 1, examples: list | None = None) -> dict:
     """The grid: ``accuracy[d][l]`` = share of the ``n`` items at depth ``depths[d]`` and length
     ``lengths[l]`` answered exactly; with per-length means and the mean. ``examples`` receives one
-    (length, depth, item, correct) per cell."""
+    (length, depth, item, the model's answer under teacher forcing, correct) per cell."""
     from omni.toy import needles
 
     if kind not in ("text", "vision"):
@@ -107,13 +110,13 @@ def evaluate_niah(model, tok, kind: str, lengths, depths, n: int = 10, seed: int
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depths):
             cell = items(tok, kind, length, depth, n, seed, split, pool)
-            hits = []
+            hits, preds = [], []
             for i in range(0, n, batch_size):
-                hits += score(model, tok, cell[i:i + batch_size])
+                hits += score(model, tok, cell[i:i + batch_size], preds)
             acc[di, li] = float(np.mean(hits))
             real[li] = np.mean([len(it.ids) for it in cell])
             if examples is not None:
-                examples.append((length, depth, cell[0], hits[0]))
+                examples.append((length, depth, cell[0], tok.decode(preds[0], strict=False).text.strip(), hits[0]))
     return {"kind": kind, "split": split, "lengths": list(lengths), "depths": list(depths), "items_per_cell": n,
             "tokens": [float(t) for t in real], "accuracy": acc.round(4).tolist(),
             "per_length": acc.mean(0).round(4).tolist(), "mean": round(float(acc.mean()), 4)}
@@ -147,15 +150,16 @@ def heatmap_png(m: dict, title: str) -> bytes:
 
 
 def page(m: dict, title: str, examples: list, tok) -> str:
-    """The HTML page: the heatmap, the grid as a table, one example per cell (its question's tail)."""
+    """The HTML page: the heatmap, the grid as a table, one example per cell (the prompt's end, the
+    answer, the model's)."""
     head = "".join(f"<th>{n}</th>" for n in m["lengths"])
     rows = "".join(f"<tr><th>{d:.0%}</th>" + "".join(f"<td>{v:.2f}</td>" for v in r) + "</tr>"
                    for d, r in zip(m["depths"], m["accuracy"]))
     ex = []
-    for length, depth, it, ok in examples:
+    for length, depth, it, said, ok in examples:
         tail = tok.decode(it.ids[max(it.answer_start - 24, 1):it.answer_start], strict=False).text
         ex.append(f"<tr><td>{length}</td><td>{depth:.0%}</td><td>{html.escape(tail)}</td>"
-                  f"<td>{html.escape(it.answer)}</td><td>{'yes' if ok else 'no'}</td></tr>")
+                  f"<td>{html.escape(it.answer)}</td><td>{html.escape(said)}</td><td>{'yes' if ok else 'no'}</td></tr>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>mean exact match {m['mean']:.3f} over "
@@ -163,7 +167,7 @@ def page(m: dict, title: str, examples: list, tok) -> str:
             f"({html.escape(m['split'])} split)</p><img src='niah.png' alt='heatmap'>"
             f"<h2>accuracy (depth x length)</h2><table><tr><th></th>{head}</tr>{rows}</table>"
             "<h2>one item per cell</h2><table><tr><th>length</th><th>depth</th><th>end of the prompt</th>"
-            f"<th>answer</th><th>right</th></tr>{''.join(ex)}</table></body></html>")
+            f"<th>answer</th><th>the model's (teacher-forced argmax)</th><th>right</th></tr>{''.join(ex)}</table></body></html>")
 
 
 def niah_suite(checkpoint, data, cfg, out: Path | None = None) -> dict:

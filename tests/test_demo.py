@@ -268,3 +268,42 @@ def test_every_budget_trains_both_heads_and_large_trains_longest(monkeypatch):
     assert heads.heads.enabled == {"<det>": 4, "<gen>": 16} and heads.train.init_from == str(out / "model")
     assert heads.train.out == str(out / "heads") and heads.train.steps == 400 and heads.train.lr == 1e-3
     assert len(heads.data.paths) == 5 and heads.data.weights[3:] == [0.3, 0.2]
+
+
+def test_long_context_stage_and_niah_on_the_demo_checkpoints(small_demo, tmp_path):
+    """The README's long-context commands at a few steps: `omni data needles` with the demo's bundle, the
+    long-context stage (recipes/stages/long_context.yaml: 1024 tokens, YaRN x4) from the demo's decoder,
+    and `omni eval niah` on both checkpoints (JSON, heatmap PNG, HTML); the stage's checkpoint keeps
+    its rope settings through omni.load."""
+    from omni.checkpoint import load
+    from omni.config import recipes_dir
+
+    out, _, _ = small_demo
+    tok = out / "tokenizer"
+    rc, _, err = run_cli("data", "needles", tmp_path / "raw", "--tokenizer", tok, "--kinds", "needle,long_text",
+                         "--docs", "12", "--max-tokens", "1023", "--min-tokens", "512")
+    assert rc == 0, err
+    rc, _, err = run_cli("data", "preprocess", "--input", tmp_path / "raw", "--tokenizer", tok, "--out",
+                         tmp_path / "long", "--quiet")
+    assert rc == 0, err
+    recipe = Path(str(recipes_dir())) / "stages" / "long_context.yaml"
+    rc, _, err = run_cli("train", recipe, "--quiet", f"data.tokenizer={tok}", f"data.paths=[{tmp_path / 'long'}]",
+                         f"train.init_from={out / 'model'}", f"train.out={tmp_path / 'stage'}", "train.steps=3",
+                         "train.save_every=3", "train.warmup_steps=1")
+    assert rc == 0, err
+    model, _ = load(tmp_path / "stage", device="cpu")
+    assert model.config.max_seq_len == 1024 and model.config.rope.kind == "yarn" and model.config.rope.factor == 4
+
+    rc, _, err = run_cli("eval", "niah", "--checkpoint", out / "model", "--lengths", "256,1024", "--depths", "0,1",
+                         "niah.items=2")
+    assert rc == 2 and "beyond the 256 positions" in err  # the demo's decoder was trained at 256, unscaled
+    for ck, kind, lengths in [(out / "model", "text", "128,256"), (tmp_path / "stage", "text", "256,1024"),
+                              (tmp_path / "stage", "vision", "1024")]:
+        dest = tmp_path / f"niah_{ck.name}_{kind}"
+        rc, stdout, err = run_cli("eval", "niah", "--checkpoint", ck, "--kind", kind, "--lengths", lengths,
+                                  "--depths", "0,0.5,1", "niah.items=2", "niah.grid=4", "--out", dest)
+        assert rc == 0, err
+        m = json.loads((dest / "metrics.json").read_text())
+        assert np.shape(m["accuracy"]) == (3, len(lengths.split(","))) and 0 <= m["mean"] <= 1
+        assert (dest / "niah.png").stat().st_size > 1000 and "heatmap" in (dest / "index.html").read_text()
+    assert m["rope"] == "yarn x4" and m["covered_positions"] == 1024 and m["tokens"][0] > 900

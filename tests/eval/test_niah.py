@@ -96,7 +96,9 @@ def test_exact_match_needs_every_answer_token(real_tokenizer):
     V = real_tokenizer.vocab.size
     assert score(_Oracle([it.ids for it in its], V), real_tokenizer, its) == [True, True, True]
     last = its[0].answer_end - 2  # predicts the last digit
-    assert score(_Oracle([it.ids for it in its], V, wrong=[last]), real_tokenizer, its) == [False, True, True]
+    preds = []
+    assert score(_Oracle([it.ids for it in its], V, wrong=[last]), real_tokenizer, its, preds) == [False, True, True]
+    assert preds[1] == its[1].ids[its[1].answer_start:] and preds[0][:-1] == its[0].ids[its[0].answer_start:-1]
     before = its[0].answer_start - 2  # predicts a question token: not scored
     assert score(_Oracle([it.ids for it in its], V, wrong=[before]), real_tokenizer, its) == [True, True, True]
 
