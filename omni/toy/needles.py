@@ -53,6 +53,8 @@ VISION_QUESTION = " Which picture is unlike the others? It shows"
 """The V-NIAH question; the answer: " a red circle" (the needle picture's object)."""
 ALBUM_INTRO = "An album:"
 """The first words of an album document."""
+TRIES_PER_PAIR = 2000
+"""Scene seeds :class:`ScenePool` tries per (color, shape) for its distinct one-object scenes."""
 MIN_SENTENCE_CHARS = 20
 """Shorter pieces of the corpus (headings, code fragments) are not haystack sentences."""
 
@@ -185,11 +187,25 @@ class ScenePool:
         self._blocks: dict = {}
 
     def scenes(self, pair: tuple[str, str]) -> list:
+        """Up to ``per_pair`` distinct one-object scenes of ``pair`` in ``split`` (a small canvas on a
+        coarse grid has only a few dozen layouts of one object, a tenth of them in a held-out split)."""
         from omni.toy import shapes
 
         if pair not in self._scenes:
-            self._scenes[pair] = shapes.scenes(self.per_pair, self.split, self.seed, unique=True, n_objects=1,
-                                               colors=[pair[0]], shapes=[pair[1]], size=self.size, grid=self.grid)
+            found, seen = [], set()
+            for k in range(TRIES_PER_PAIR):
+                sc = shapes.scene(self.seed * 2**32 + k, n_objects=1, colors=[pair[0]], shapes=[pair[1]],
+                                  size=self.size, grid=self.grid)
+                key = shapes.scene_key(sc)
+                if key not in seen and shapes.split_of(sc) == self.split:
+                    seen.add(key)
+                    found.append(sc)
+                    if len(found) == self.per_pair:
+                        break
+            if not found:
+                raise OmniError(f"no one-object {pair[0]} {pair[1]} scene of split {self.split!r} at {self.size} px, "
+                                f"grid {self.grid} in {TRIES_PER_PAIR} draws")
+            self._scenes[pair] = found
         return self._scenes[pair]
 
     def block(self, sc) -> list[int]:
