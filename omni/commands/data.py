@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write the toy world's long documents (text needles, V-NIAH items, albums, long text) as shards",
         description="Write WebDataset shards of long documents sized in tokens of a tokenizer bundle "
         "(omni.toy.needles): 'needle' (a magic number hidden in real text, the question, the answer scored), "
-        "'vniah' (an odd picture among haystack pictures, the question, the answer scored), 'album' (pictures "
+        "'vniah' (an odd picture among three or more haystack pictures, the question, the answer scored), 'album' (pictures "
         "with their captions) and 'long_text' (real text). Haystack text, magic numbers and scenes are split "
         "by content, as `omni eval niah` reads them. A rerun keeps finished shards.",
         formatter_class=Formatter,

@@ -13,7 +13,8 @@ digits (:func:`number_split`), and V-NIAH's pictures are toy-world scenes of the
   digits.
 * V-NIAH (LongVA's, at toy scale): haystack pictures all show one kind of object (one color and
   shape, laid out anew in each picture); the needle picture shows another kind; the question asks
-  which picture is unlike the others and the answer names the needle's color and shape.
+  for the odd one out and the answer names the needle's color and shape (at least three pictures:
+  with two, either could be the odd one).
 * Albums: many scenes, each picture followed by its caption (a long interleaved document).
 * Long text: the haystack alone, scored everywhere (the language-modeling part of a long stage).
 
@@ -49,8 +50,11 @@ NEEDLE = "The special magic number is {}."
 """The text needle; ``{}``: seven digits."""
 QUESTION = " What is the special magic number? The special magic number is"
 """The text question; the answer, scored, follows it: a space and the digits (then a period in training)."""
-VISION_QUESTION = " Which picture is unlike the others? It shows"
-"""The V-NIAH question; the answer: " a red circle" (the needle picture's object)."""
+VISION_QUESTION = " The odd one out is"
+"""The V-NIAH question; the answer: " a red circle" (the needle picture's object). Short, so that three
+pictures (the fewest that make an odd one out) and the question fit 256 tokens of the demo's bundle."""
+MIN_PICTURES = 3
+"""Pictures of a V-NIAH item: with two, either could be the odd one."""
 ALBUM_INTRO = "An album:"
 """The first words of an album document."""
 TRIES_PER_PAIR = 2000
@@ -241,10 +245,10 @@ def vision_item(pool: ScenePool, length: int, depth: float, rng: np.random.Gener
     answer_text = " " + _phrase(needle_pair)
     question, answer = tok.encode_text(VISION_QUESTION), tok.encode_text(answer_text)
     n = (length - 1 - len(question) - len(answer)) // pool.block_len
-    if n < 2:
-        need = 1 + len(question) + len(answer) + 2 * pool.block_len
-        raise OmniError(f"length {length} cannot hold a V-NIAH item: two pictures and the question take {need} "
-                        f"tokens; use lengths >= {need}")
+    if n < MIN_PICTURES:
+        need = 1 + len(question) + len(answer) + MIN_PICTURES * pool.block_len
+        raise OmniError(f"length {length} cannot hold a V-NIAH item: {MIN_PICTURES} pictures and the question take "
+                        f"{need} tokens; use lengths >= {need}")
     at = int(round(depth * (n - 1)))
     hay, needles = pool.scenes(hay_pair), pool.scenes(needle_pair)
     ids, needle_at, pictures = [tok.vocab.special("<bos>")], 0, []
@@ -287,7 +291,7 @@ def document(kind: str, tok, max_tokens: int, rng: np.random.Generator, split: s
         raise OmniError(f"kind {kind!r} needs a ScenePool (a bundle with an image tokenizer)")
     if kind == "vniah":
         longest = max(len(tok.encode_text(" " + _phrase(p))) for p in pool.pairs)
-        least = 1 + len(tok.encode_text(VISION_QUESTION)) + longest + 2 * pool.block_len  # two pictures
+        least = 1 + len(tok.encode_text(VISION_QUESTION)) + longest + MIN_PICTURES * pool.block_len
         it = vision_item(pool, min(max(length, least), max_tokens), depth, rng)
         out = {f"{k}.png": _png(sc.image) for k, sc in enumerate(it.pictures)}
         segs = [{"image": f"{k}.png", "prompt": True} for k in range(len(it.pictures))]

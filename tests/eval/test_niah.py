@@ -131,7 +131,8 @@ def test_training_documents_fit_and_score_only_the_answer(tmp_path, real_tokeniz
             assert scored.strip().rstrip(".").isdigit() and len(scored.strip().rstrip(".")) == 7, scored
         elif needles.VISION_QUESTION.strip() in text:
             kinds["vniah"] = kinds.get("vniah", 0) + 1
-            assert toy.parse_caption(scored) and "picture" not in scored
+            assert toy.parse_caption(scored) and "odd" not in scored
+            assert (ids == real_tokenizer.vocab.special("<boi>")).sum() >= needles.MIN_PICTURES
         elif text.startswith(needles.ALBUM_INTRO):
             kinds["album"] = kinds.get("album", 0) + 1
             assert mask[1:].all() and toy.parse_caption(text)  # all but <bos>
