@@ -235,11 +235,13 @@ def _phrase(pair: tuple[str, str]) -> str:
     return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
 
 
-def vision_item(pool: ScenePool, length: int, depth: float, rng: np.random.Generator) -> Item:
+def vision_item(pool: ScenePool, length: int, depth: float | None, rng: np.random.Generator) -> Item:
     """A V-NIAH item of at most ``length`` ids (as many pictures as fit): ``<bos>``, haystack pictures
-    with the needle picture at ``depth`` (its index among them ~ depth x (pictures - 1)), the question,
-    the answer naming the needle's object."""
-    check_depth(depth)
+    with the needle picture at ``depth`` (its index among them ~ depth x (pictures - 1); None: an index
+    drawn uniformly, as training documents have it, so no place is likelier than another), the
+    question, the answer naming the needle's object."""
+    if depth is not None:
+        check_depth(depth)
     tok = pool.tok
     hay_pair, needle_pair = pool.draw(rng)
     answer_text = " " + _phrase(needle_pair)
@@ -249,7 +251,7 @@ def vision_item(pool: ScenePool, length: int, depth: float, rng: np.random.Gener
         need = 1 + len(question) + len(answer) + MIN_PICTURES * pool.block_len
         raise OmniError(f"length {length} cannot hold a V-NIAH item: {MIN_PICTURES} pictures and the question take "
                         f"{need} tokens; use lengths >= {need}")
-    at = int(round(depth * (n - 1)))
+    at = int(rng.integers(n)) if depth is None else int(round(depth * (n - 1)))
     hay, needles = pool.scenes(hay_pair), pool.scenes(needle_pair)
     ids, needle_at, pictures = [tok.vocab.special("<bos>")], 0, []
     for k in range(n):
@@ -292,7 +294,7 @@ def document(kind: str, tok, max_tokens: int, rng: np.random.Generator, split: s
     if kind == "vniah":
         longest = max(len(tok.encode_text(" " + _phrase(p))) for p in pool.pairs)
         least = 1 + len(tok.encode_text(VISION_QUESTION)) + longest + MIN_PICTURES * pool.block_len
-        it = vision_item(pool, min(max(length, least), max_tokens), depth, rng)
+        it = vision_item(pool, min(max(length, least), max_tokens), None, rng)
         out = {f"{k}.png": _png(sc.image) for k, sc in enumerate(it.pictures)}
         segs = [{"image": f"{k}.png", "prompt": True} for k in range(len(it.pictures))]
         segs += [{"text": VISION_QUESTION, "prompt": True}, {"text": " " + it.answer + "."}]

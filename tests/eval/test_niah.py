@@ -68,6 +68,13 @@ def test_vision_item_hides_an_odd_picture_at_its_depth(real_tokenizer):
         assert real_tokenizer.decode(it.ids[it.answer_start:], strict=False).text.strip() == it.answer
     with pytest.raises(needles.OmniError, match="cannot hold a V-NIAH item"):
         needles.vision_item(pool, 30, 0.5, rng)
+    # training documents (depth None) put the needle anywhere alike: no place to learn as a prior
+    places = []
+    for _ in range(300):
+        it = needles.vision_item(pool, 4 * pool.block_len + 30, None, rng)
+        kinds = [sc.pairs[0] for sc in it.pictures]
+        places.append(next(i for i, k in enumerate(kinds) if kinds.count(k) == 1))
+    assert len(it.pictures) == 4 and all(50 <= places.count(i) <= 100 for i in range(4)), np.bincount(places)
 
 
 class _Oracle(torch.nn.Module):
