@@ -119,7 +119,7 @@ class NiahEvalConfig:
     """Needle depths: the share of the haystack before the needle, each in [0, 1]."""
     items: int = 20
     """Items per (length, depth) cell."""
-    split: str = "test"
+    split: str = "validation"
     """Haystack text, magic numbers and pictures of this split: 'validation' (tune here) or 'test'
     (report once); both disjoint from 'train' by content."""
     seed: int = 0

@@ -164,6 +164,7 @@ def test_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, real_tokeniz
     m = json.loads(out)
     assert m["lengths"] == [100, 200] and m["depths"] == [0.0, 1.0] and np.shape(m["accuracy"]) == (2, 2)
     assert m["tokens"] == [100.0, 200.0] and m["rope"] == "rope" and m["covered_positions"] == 256
+    assert m["split"] == "validation"  # tune there; niah.split=test reports once
     assert (tmp_path / "text" / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in (tmp_path / "text" / "index.html").read_text()
     assert json.loads((tmp_path / "text" / "metrics.json").read_text()) == m
