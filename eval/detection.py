@@ -150,22 +150,29 @@ def requests_of(scene, rng: np.random.Generator, novel_pairs) -> list[tuple[str,
             ("absent pair", f"find every {a[0]} {a[1]}", [])]
 
 
-def routed_forward(model, tok, rows: list):
-    """One teacher-forced pass over routed token rows (each a 1-D tensor, ``<det>``/``<gen>`` with their
-    slots): the rows right-padded (causal rows never see the padding; an M-RoPE model gets each row's
-    3-D positions), the heads' queries spliced in. Returns (final hidden states [B, L, D] float32,
-    ids [B, L], routes)."""
+def padded_batch(model, tok, rows: list):
+    """Token rows (1-D tensors) right-padded for one teacher-forced pass: (ids [B, L], positions) on
+    the model's device; causal rows never see the padding, and an M-RoPE model gets each row's 3-D
+    positions ([3, B, L]; None for the other kinds, which derive them)."""
     import torch
 
     from omni.rope import batch_positions, uses_mrope
 
-    heads, device = model.heads, next(model.parameters()).device
+    device = next(model.parameters()).device
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), tok.vocab.special("<pad>"), dtype=torch.long)
     for j, r in enumerate(rows):
         ids[j, :len(r)] = r
     positions = batch_positions(rows, tok.vocab, L).to(device) if uses_mrope(model) else None
-    ids = ids.to(device)
+    return ids.to(device), positions
+
+
+def routed_forward(model, tok, rows: list):
+    """One teacher-forced pass over routed token rows (each a 1-D tensor, ``<det>``/``<gen>`` with their
+    slots): the rows padded (:func:`padded_batch`), the heads' queries spliced in. Returns (final
+    hidden states [B, L, D] float32, ids [B, L], routes)."""
+    heads = model.heads
+    ids, positions = padded_batch(model, tok, rows)
     routes = heads.find(ids)
     hidden = model(ids, splice=heads.queries.splicer(routes), position_ids=positions, return_hidden=True).hidden
     return hidden.float(), ids, routes

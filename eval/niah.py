@@ -73,17 +73,12 @@ def score(model, tok, batch: list, predictions: list | None = None) -> list[bool
     ``predictions``, if given, receives each item's argmax answer ids."""
     import torch
 
-    from omni.rope import batch_positions, uses_mrope
+    from omni.eval.detection import padded_batch
 
-    rows = [torch.tensor(it.ids) for it in batch]
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), tok.vocab.special("<pad>"), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, :len(r)] = r
-    positions = batch_positions(rows, tok.vocab, L) if uses_mrope(model) else None
-    device = next(model.parameters()).device
+    ids, positions = padded_batch(model, tok, [torch.tensor(it.ids) for it in batch])
     with torch.inference_mode():
-        logits = model(ids.to(device), position_ids=None if positions is None else positions.to(device)).logits
+        logits = model(ids, position_ids=positions).logits
+    ids = ids.cpu()
     out = []
     for j, it in enumerate(batch):
         pred = logits[j, it.answer_start - 1:it.answer_end - 1].argmax(-1).cpu()
@@ -93,7 +88,7 @@ def score(model, tok, batch: list, predictions: list | None = None) -> list[bool
     return out
 
 
-def evaluate_niah(model, tok, kind: str, lengths, depths, n: int = 10, seed: int = 0, split: str = "test",
+def evaluate_niah(model, tok, kind: str, lengths, depths, n: int = 10, seed: int = 0, split: str = "validation",
                   batch_size: int = 4, grid: int = 1, examples: list | None = None) -> dict:
     """The grid: ``accuracy[d][l]`` = share of the ``n`` items at depth ``depths[d]`` and length
     ``lengths[l]`` answered exactly; with per-length means and the mean. ``examples`` receives one
