@@ -10,7 +10,9 @@
 * :mod:`omni.eval.detection`: COCO AP of the ``<det>`` head (pycocotools), its chance row, and the
   detection suite on toy-world scenes;
 * :mod:`omni.eval.gen_head`: the images of the ``<gen>`` head for held-out captions, judged;
-* :mod:`omni.eval.niah`: needle in a haystack, text and vision (LongVA's V-NIAH), over length x depth.
+* :mod:`omni.eval.niah`: needle in a haystack, text and vision (LongVA's V-NIAH), over length x depth;
+* :mod:`omni.eval.longwrite`: long output (LongWriter-V's length and quality scores) on toy-world
+  stories of N steps, and the corrected stories its IterDPO loop trains on.
 
 :data:`SUITES` names what ``omni eval SUITE --checkpoint DIR [--data ...] [--out DIR] [key=value ...]``
 runs; a suite is a function ``fn(checkpoint, data, cfg, out) -> dict`` (``cfg``: an
@@ -33,6 +35,7 @@ SUITES = Registry("evaluation suite", "suites", {
     "detection": "omni.eval.detection:detection_suite",
     "gen-head": "omni.eval.gen_head:gen_head_suite",
     "niah": "omni.eval.niah:niah_suite",
+    "longwrite": "omni.eval.longwrite:longwrite_suite",
 })
 """Suite name -> ``fn(checkpoint, data, cfg, out) -> dict`` or its 'module:function' path."""
 

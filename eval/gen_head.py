@@ -69,19 +69,10 @@ def gen_head_suite(checkpoint, data, cfg, out=None) -> dict:
     """`omni eval gen-head --checkpoint DIR gen.judge=JUDGE_DIR`: :func:`evaluate_gen_head` on
     ``cfg.gen.n_scenes`` scenes of the toy world's ``cfg.gen.split``, at the size of the checkpoint's
     image tokenizer."""
-    from omni.checkpoint import load
-    from omni.eval.judge import Judge
+    from omni.eval.judge import judged_suite
     from omni.toy.shapes import scenes
 
     c = cfg.gen
-    if data:
-        raise OmniError("the gen-head suite makes its scenes from the toy world; it takes no --data")
-    if not c.judge:
-        raise OmniError("gen.judge is not set: give the folder of a trained toy-world judge (an `omni demo` "
-                        "folder's judge/)")
-    judge = Judge.load(c.judge)
-    model, tok = load(checkpoint, device="cpu")
-    if tok.image is None:
-        raise OmniError(f"{checkpoint}: its bundle has no image tokenizer")
+    model, tok, judge = judged_suite(checkpoint, data, c.judge, "gen-head", "gen.judge", "scenes")
     sc = scenes(c.n_scenes, c.split, c.seed, size=tok.image.config.image_size, grid=c.grid, order=c.order)
     return evaluate_gen_head(model, tok, judge, sc, c.guidance, c.steps, c.seed)

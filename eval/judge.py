@@ -266,6 +266,25 @@ def load(directory: str | os.PathLike) -> Judge:
     return Judge.load(directory)
 
 
+def judged_suite(checkpoint, data, judge_dir: str, suite: str, key: str, made: str):
+    """(model on the CPU, bundle, judge) of a suite that judges the pictures a checkpoint makes of the
+    toy world (gen-head, longwrite). Refused, each an OmniError: ``data`` given (the suite makes its
+    ``made`` from the toy world), the judge folder ``judge_dir`` (config key ``key``) unset or not a
+    judge, a bundle without an image tokenizer."""
+    from omni.checkpoint import load as load_checkpoint
+
+    if data:
+        raise OmniError(f"the {suite} suite makes its {made} from the toy world; it takes no --data")
+    if not judge_dir:
+        raise OmniError(f"{key} is not set: give the folder of a trained toy-world judge (an `omni demo` "
+                        "folder's judge/)")
+    judge = Judge.load(judge_dir)
+    model, tok = load_checkpoint(checkpoint, device="cpu")
+    if tok.image is None:
+        raise OmniError(f"{checkpoint}: its bundle has no image tokenizer, which the {suite} suite's pictures need")
+    return model, tok, judge
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------

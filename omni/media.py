@@ -42,6 +42,8 @@ REASONS = {
     "bad_text": "text that is not UTF-8",
     "bad_json": "a .json that does not parse or lacks a valid segments list",
     "missing_member": "a json segment names a member the sample lacks",
+    "bad_pair": "a preference sample without valid prompt/chosen/rejected lists, with routing segments, or with "
+                "two equal responses",
     "unrecognized_sample": "no member combination of the format",
     "tokenize_error": "a tokenizer refused the content (OmniError or ValueError; anything else stops the run)",
     "corrupt_shard": "the tar stream itself broke; the samples before the break are kept",

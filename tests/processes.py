@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,3 +23,12 @@ def signal_after_first_step(cmd: list[str], out: Path, sig: int, timeout: float 
     p.send_signal(sig)
     stdout, err = p.communicate(timeout=timeout)
     return p.returncode, stdout, err
+
+
+def torchrun_train(recipe: Path, *overrides: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node NPROC -m omni train RECIPE --quiet OVERRIDES` (gloo on
+    CPU, one thread a process), from the repository's parent; its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           "-m", "omni", "train", str(recipe), "--quiet", *overrides],
+                          cwd=ROOT.parent, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,5 +1,6 @@
 """`omni data preprocess`: tokenize WebDataset shards into packed token datasets; `omni data needles`: the
-toy world's long documents (needle-in-a-haystack items, albums, long text) for a long-context stage."""
+toy world's long documents (needle-in-a-haystack items, albums, long text) for a long-context stage;
+`omni data stories`: its long stories (N steps, one picture each) for long output."""
 
 from __future__ import annotations
 
@@ -66,6 +67,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     nd.add_argument("--seed", type=int, default=0)
     nd.set_defaults(func=_needles)
 
+    from omni.eval.demo import DemoConfig
+    from omni.toy.shapes import ORDERS
+
+    world = DemoConfig()
+    st = dsub.add_parser(
+        "stories",
+        help="write the toy world's long stories (\"draw A, then B, then ...\" and one picture per step) as shards",
+        description="Write WebDataset shards of stories of N steps (omni.toy.stories, after LongWriter-V): the prompt "
+        "\"draw a red circle, then a blue square, then ... .\" (a \"prompt\": true segment: only the pictures and "
+        "<eos> are trained) and one picture per step, its object alone on the canvas. The pictures are toy-world "
+        "scenes of --split and the prompt text is split by a hash of itself, as `omni eval longwrite` reads them. "
+        "--size, --grid and --order default to `omni demo`'s world (demo.canvas, demo.grid, demo.order in a demo "
+        "folder's config.yaml). A rerun keeps finished shards.",
+        formatter_class=Formatter,
+    )
+    st.add_argument("out", metavar="DIR", help="folder to write shards into")
+    st.add_argument("--steps", default="4,8", metavar="LO,HI",
+                    help="story lengths, drawn per story from LO..HI inclusive (default 4,8; one number: that length)")
+    st.add_argument("--stories", type=int, default=1000, help="stories (default 1000)")
+    st.add_argument("--split", default="train", choices=SPLITS, help="content split (default train)")
+    st.add_argument("--size", type=int, default=world.canvas, help=f"canvas side in pixels (default {world.canvas}, "
+                    "the demo's; must equal the image tokenizer's image_size)")
+    st.add_argument("--grid", type=int, default=world.grid,
+                    help=f"objects on a grid of this many pixels (default {world.grid}, the demo's)")
+    st.add_argument("--order", default=world.order, choices=ORDERS,
+                    help=f"order a scene's objects become steps (default {world.order}, the demo's)")
+    st.add_argument("--per-shard", type=int, default=1000, help="stories per shard (default 1000)")
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=_stories)
+
 
 def _needles(args) -> int:
     from omni.bundle import UnifiedTokenizer
@@ -76,6 +107,25 @@ def _needles(args) -> int:
     paths = write_shards(args.out, tok, args.docs, kinds, args.max_tokens, args.min_tokens, args.split, args.seed,
                          args.grid, args.per_shard, resume=True)
     print(f"wrote {args.docs} {args.split} documents of each of {', '.join(kinds)} ({len(paths)} shards) to {args.out}")
+    return 0
+
+
+def _stories(args) -> int:
+    from omni.errors import OmniError
+    from omni.toy.stories import write_shards
+
+    try:
+        bounds = [int(v) for v in args.steps.split(",")]
+    except ValueError:
+        bounds = []
+    if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+        raise OmniError(f"--steps {args.steps!r} is invalid: give LO,HI (story lengths LO..HI inclusive, "
+                        "1 <= LO <= HI, for example 4,8) or one length >= 1")
+    steps = range(bounds[0], bounds[-1] + 1)
+    paths = write_shards(args.out, args.stories, steps, args.split, args.seed, args.size, args.grid, args.order,
+                         per_shard=args.per_shard, resume=True)
+    print(f"wrote {args.stories} {args.split} stories of {bounds[0]} to {bounds[-1]} steps ({len(paths)} shards) "
+          f"to {args.out}")
     return 0
 
 

@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with chance rows), gen-head (--checkpoint: a checkpoint with a <gen> head; gen.judge=JUDGE_DIR; "
         "its images for held-out captions, judged), niah (--checkpoint: any checkpoint; --lengths, --depths, "
         "--kind text|vision: needle-in-a-haystack exact match over length x depth; --out writes metrics.json, "
-        "niah.png and index.html).",
+        "niah.png and index.html), longwrite (--checkpoint: a checkpoint with an image tokenizer; "
+        "longwrite.judge=JUDGE_DIR; held-out toy stories of longwrite.steps=[4,5,6,7,8] steps generated greedily, "
+        "LongWriter-V's length, quality and overall scores per length; --out writes metrics.json and index.html).",
         epilog=help_text(EvalConfig),
         formatter_class=Formatter,
     )

@@ -76,6 +76,13 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"heads.gen.n_queries={cfg.heads.gen.n_queries} but data.preprocess.gen_queries="
                           f"{cfg.data.preprocess.gen_queries}: the data carries K slots after each <gen>, one per "
                           "super-link query; set both alike")
+    if cfg.train.stage == "dpo":
+        if not cfg.train.init_from:
+            raise ConfigError("train.stage=dpo needs train.init_from: the checkpoint (an SFT run) that is both the "
+                              "starting policy and the frozen reference of DPO")
+        if cfg.parallel.backend == "megatron" or cfg.heads.enabled:
+            raise ConfigError("train.stage=dpo runs on the plain-PyTorch backend without task heads: set "
+                              "parallel.backend=torch and leave heads.* disabled")
     if cfg.train.eval_every and not cfg.data.eval_paths:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs held-out token datasets: set "
                           "data.eval_paths=[DIR,...] (or train.eval_every=0)")

@@ -146,6 +146,42 @@ class NiahEvalConfig:
 
 
 @dataclass
+class LongwriteEvalConfig:
+    """The long-output suite (`omni eval longwrite`): toy-world stories of N steps, scored by length and quality
+    (LongWriter-V, arXiv 2502.14834)."""
+
+    judge: str = ""
+    """A trained toy-world judge's folder (an `omni demo` folder's judge/); required."""
+    split: str = "validation"
+    """Stories measured: 'validation' (tune here) or 'test' (report once); prompt text and pictures are
+    both disjoint from 'train' by content (omni.toy.stories)."""
+    steps: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    """Story lengths N asked for (one bucket each); pretraining stories have 1 to 3 steps."""
+    prompts: int = 10
+    """Story prompts per length N."""
+    seed: int = 0
+    """Seed of the stories (each bucket walks the same scene stream) and of the sampler."""
+    grid: int = 4
+    """Objects on a grid of this many pixels, as the training scenes were drawn (the demo's: 4)."""
+    order: str = "reading"
+    """The order a scene's objects become steps, as in training (the demo's: 'reading')."""
+    batch_size: int = 8
+    """Prompts generated at once (a batch's prompts are padded to its longest, which takes positions)."""
+    show: int = 2
+    """Stories per bucket shown on index.html with their pictures."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.split, "split", ("validation", "test"))
+        check_choice(self.order, "order", ("left_to_right", "reading"))
+        check(len(self.steps) >= 1 and all(isinstance(n, int) and n >= 1 for n in self.steps), "steps", self.steps,
+              "a non-empty list of story lengths >= 1")
+        check(self.prompts >= 1, "prompts", self.prompts, ">= 1")
+        check(self.grid >= 1, "grid", self.grid, ">= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.show >= 0, "show", self.show, ">= 0")
+
+
+@dataclass
 class EvalConfig:
     """Settings of every suite of `omni eval` (omni.eval.SUITES); each suite reads its own section."""
 
@@ -161,3 +197,5 @@ class EvalConfig:
     """The gen-head suite."""
     niah: NiahEvalConfig = field(default_factory=NiahEvalConfig)
     """The needle-in-a-haystack suite."""
+    longwrite: LongwriteEvalConfig = field(default_factory=LongwriteEvalConfig)
+    """The long-output suite."""

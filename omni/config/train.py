@@ -83,13 +83,30 @@ class Fp8Config:
 
 
 @dataclass
+class DPOConfig:
+    """Preference tuning (train.stage=dpo): sigmoid DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7)
+    against a frozen reference, the weights of train.init_from (omni.train.dpo)."""
+
+    beta: float = 0.1
+    """Temperature of the implicit reward beta * (log pi - log ref); DPO's usual 0.1."""
+    sft_weight: float = 0.0
+    """Weight of an added SFT term: the chosen responses' negative log-likelihood per token (RPO,
+    Pang et al. 2024, arXiv 2404.19733); 0 = plain DPO."""
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, "beta", self.beta, "> 0 (0.1 is the usual choice)")
+        check(self.sft_weight >= 0, "sft_weight", self.sft_weight, ">= 0")
+
+
+@dataclass
 class TrainConfig:
     """The training loop: stage, optimizer, schedule, precision, checkpoints and logging."""
 
     out: str = "runs/omni"
     """Run folder: checkpoints (step_*/), metrics.jsonl, tensorboard/."""
     stage: str = "pretrain"
-    """'pretrain' (loss on every token) or 'sft' (no loss on prompt segments)."""
+    """'pretrain' (loss on every token), 'sft' (no loss on prompt segments) or 'dpo' (preference pairs of
+    `omni data preprocess`, sigmoid DPO against the train.init_from weights: train.dpo)."""
     steps: int = 1000
     """Optimizer steps to train."""
     micro_batch_size: int = 8
@@ -147,9 +164,11 @@ class TrainConfig:
     run has checkpoints of its own, --resume auto continues from those instead."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Optional Weights & Biases logging."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO settings, used when stage='dpo'."""
 
     def __post_init__(self) -> None:
-        check_choice(self.stage, "stage", ("pretrain", "sft"))
+        check_choice(self.stage, "stage", ("pretrain", "sft", "dpo"))
         check_choice(self.schedule, "schedule", ("cosine", "wsd", "constant"))
         check_choice(self.precision, "precision", ("fp32", "bf16", "fp8"))
         check(self.steps >= 1, "steps", self.steps, ">= 1")

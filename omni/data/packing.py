@@ -65,6 +65,12 @@ class TokenDataset:
         self.lengths = (np.concatenate([t.sequence_lengths for t in self.tokens]).astype(np.int64)
                         if len(self.tokens) else np.zeros(0, np.int64))
         self.max_block = int(self.manifest["totals"]["max_block"])
+        self.pairs = int(totals.get("pairs", 0))
+        """Preference pairs (documents 2i and 2i + 1: prompt + chosen, prompt + rejected); 0: plain documents."""
+        if self.pairs and 2 * self.pairs != len(self):
+            raise OmniError(f"token dataset {self.path} mixes {self.pairs} preference pairs with "
+                            f"{len(self) - 2 * self.pairs} plain documents; preprocess preference samples into a "
+                            "folder of their own")
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -100,6 +106,40 @@ class PackedSequence:
     spans: list[tuple[int, int, int, int, int]]  # (dataset, epoch, document, start, length) per piece, over L+1 tokens
 
 
+class _Row:
+    """One sequence being filled: ``n`` = seq_len + 1 token slots, padding until a piece is put there."""
+
+    def __init__(self, n: int, pad: int, mrope: bool, vocab):
+        self.n, self.mrope, self.vocab = n, mrope, vocab
+        self.ids = np.full(n, pad, np.int64)
+        self.mask = np.zeros(n, np.uint8)
+        self.seg = np.full(n, -1, np.int64)
+        self.pos = np.zeros((3, n) if mrope else n, np.int64)
+        self.spans: list[tuple[int, int, int, int, int]] = []
+        self.filled = 0
+
+    def put(self, ids: np.ndarray, mask: np.ndarray, span: tuple[int, int, int, int, int]) -> None:
+        """Append a document piece: its positions restart at 0 (pieces never cut a block)."""
+        a, b = self.filled, self.filled + len(ids)
+        self.ids[a:b], self.mask[a:b], self.seg[a:b] = ids, mask, len(self.spans)
+        if self.mrope:
+            from omni.rope import mrope_positions
+
+            self.pos[:, a:b] = mrope_positions(ids, self.vocab)[0]
+        else:
+            self.pos[a:b] = self.vocab.position_ids(len(ids))
+        self.spans.append(span)
+        self.filled = b
+
+    def sequence(self) -> PackedSequence:
+        # Label t is token t+1; it is trained on only inside one piece and where the stored mask says so.
+        seg, mask = self.seg, self.mask
+        same = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
+        loss_mask = (same & (mask[1:] > 0)).astype(np.float32)
+        return PackedSequence(self.ids[:-1], self.ids[1:], loss_mask, same.astype(np.float32), seg[:-1],
+                              self.pos[..., :-1], self.spans)
+
+
 class DocumentPacker:
     """Greedy packing of one dataset's shuffled documents into sequences of ``seq_len + 1`` tokens."""
 
@@ -133,13 +173,9 @@ class DocumentPacker:
 
     def next(self) -> PackedSequence:
         n = self.seq_len + 1
-        ids = np.full(n, self.pad, np.int64)
-        mask = np.zeros(n, np.uint8)
-        seg = np.full(n, -1, np.int64)
-        pos = np.zeros((3, n) if self.mrope else n, np.int64)
-        spans = []
-        filled = 0
-        while filled < n:
+        row = _Row(n, self.pad, self.mrope, self.vocab)
+        while row.filled < n:
+            filled = row.filled
             doc = int(self.order(self.epoch)[self.cursor])
             d_ids, d_mask = self.ds.document(doc)
             rest = len(d_ids) - self.offset
@@ -155,17 +191,7 @@ class DocumentPacker:
             if take == 0:  # a block or routed span starts here and does not fit: close this sequence with padding
                 break
             a, b = self.offset, self.offset + take
-            ids[filled : filled + take] = d_ids[a:b]
-            mask[filled : filled + take] = d_mask[a:b]
-            seg[filled : filled + take] = len(spans)
-            if self.mrope:  # a piece restarts at 0 as the 1-D positions do; pieces never cut a block
-                from omni.rope import mrope_positions
-
-                pos[:, filled : filled + take] = mrope_positions(d_ids[a:b], self.vocab)[0]
-            else:
-                pos[filled : filled + take] = self.vocab.position_ids(take)
-            spans.append((self.index, self.epoch, doc, a, take))
-            filled += take
+            row.put(d_ids[a:b], d_mask[a:b], (self.index, self.epoch, doc, a, take))
             if b == len(d_ids):
                 self.offset = 0
                 self.cursor += 1
@@ -173,10 +199,48 @@ class DocumentPacker:
                     self.epoch, self.cursor = self.epoch + 1, 0
             else:
                 self.offset = b
-        # Label t is token t+1; it is trained on only inside one piece and where the stored mask says so.
-        same = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
-        loss_mask = (same & (mask[1:] > 0)).astype(np.float32)
-        return PackedSequence(ids[:-1], ids[1:], loss_mask, same.astype(np.float32), seg[:-1], pos[..., :-1], spans)
+        return row.sequence()
+
+
+class PairPacker(DocumentPacker):
+    """Packing of a preference dataset (``train.stage=dpo``): whole pairs in a seeded per-epoch
+    shuffle, each row holding as many pairs as fit, padding after.
+
+    A pair's two documents (prompt + chosen, prompt + rejected) sit next to each other as pieces
+    of their own, chosen first: block-diagonal attention keeps them (and every other pair) apart,
+    and each restarts its positions at 0, exactly as if it were alone in the row. A pair is never
+    split: a row ends where the next pair does not fit."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, seed: int, vocab, index: int = 0, mrope: bool = False):
+        super().__init__(dataset, seq_len, seed, vocab, index, mrope)
+        if not dataset.pairs:
+            raise OmniError(f"{dataset.path} holds plain documents, not preference pairs: train.stage=dpo reads "
+                            "datasets preprocessed from prompt/chosen/rejected samples (docs/data.md)")
+        self.pair_lengths = dataset.lengths[0::2] + dataset.lengths[1::2]  # [P]
+        longest = int(self.pair_lengths.max())
+        if longest > seq_len + 1:
+            n = int((self.pair_lengths > seq_len + 1).sum())
+            raise OmniError(f"data.seq_len={seq_len} is too short for {dataset.path}: {n} of its {dataset.pairs} pairs "
+                            f"are longer than a row (the longest: {longest} tokens for both sides; a pair is never "
+                            f"split); use data.seq_len >= {longest - 1}")
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            rng = np.random.default_rng([self.seed, self.index, epoch])
+            self._order, self._order_epoch = rng.permutation(self.ds.pairs), epoch
+        return self._order
+
+    def next(self) -> PackedSequence:
+        row = _Row(self.seq_len + 1, self.pad, self.mrope, self.vocab)
+        while row.filled + int(self.pair_lengths[self.order(self.epoch)[self.cursor]]) <= row.n:
+            pair = int(self.order(self.epoch)[self.cursor])
+            for doc in (2 * pair, 2 * pair + 1):  # chosen, then rejected
+                d_ids, d_mask = self.ds.document(doc)
+                row.put(d_ids, d_mask, (self.index, self.epoch, doc, 0, len(d_ids)))
+            self.cursor += 1
+            if self.cursor == self.ds.pairs:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return row.sequence()
 
 
 class BlendedSequences:
@@ -263,13 +327,20 @@ class BlendedSequences:
             p.load_state_dict(s)
 
 
-def build_stream(config, tokenizer, rank: int = 0, world: int = 1, mrope: bool = False) -> BlendedSequences:
-    """The training stream of a :class:`omni.config.data.DataConfig`; ``mrope``: 3-D positions (a model
-    whose ``model.rope.kind`` is an M-RoPE kind)."""
-    datasets = [TokenDataset(p, tokenizer) for p in config.paths]
-    packers = [DocumentPacker(d, config.seq_len, config.seed, tokenizer.vocab, index=i, mrope=mrope)
+def build_stream(config, tokenizer, rank: int = 0, world: int = 1, mrope: bool = False,
+                 pairs: bool = False, paths=None) -> BlendedSequences:
+    """The training stream of a :class:`omni.config.data.DataConfig` (or of ``paths``, with its seed and
+    seq_len); ``mrope``: 3-D positions (a model whose ``model.rope.kind`` is an M-RoPE kind); ``pairs``:
+    preference pairs (:class:`PairPacker`, train.stage=dpo), which no other stage may read."""
+    datasets = [TokenDataset(p, tokenizer) for p in (config.paths if paths is None else paths)]
+    for d in datasets:
+        if d.pairs and not pairs:
+            raise OmniError(f"{d.path} holds preference pairs (prompt + chosen, prompt + rejected): train them with "
+                            "train.stage=dpo; another stage would learn the rejected responses too")
+    packer = PairPacker if pairs else DocumentPacker
+    packers = [packer(d, config.seq_len, config.seed, tokenizer.vocab, index=i, mrope=mrope)
                for i, d in enumerate(datasets)]
-    return BlendedSequences(packers, list(config.weights) or None, rank, world)
+    return BlendedSequences(packers, (list(config.weights) or None) if paths is None else None, rank, world)
 
 
 def unpack(sequences: list[PackedSequence]) -> dict[tuple[int, int, int], np.ndarray]:

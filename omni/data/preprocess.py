@@ -74,7 +74,8 @@ def encode_sample(tok, parsed, cfg: PreprocessConfig) -> tuple[np.ndarray, np.nd
 def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) -> dict:
     """Tokenize one shard into ``out/shards/NAME.*``; returns (and writes) its manifest entry."""
     from omni.data import indexed_dataset
-    from omni.data.samples import parse_sample
+    from omni.data.samples import ParsedSample, is_pair, parse_pair, parse_sample
+    from omni.document import Document
     from omni.media import BadSample, SkipReport, iter_samples
     from omni.vocab import MODALITY_NAMES
 
@@ -91,14 +92,24 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
 
     report = SkipReport(keep=cfg.log_skipped)
     per_modality = np.zeros(len(MODALITY_NAMES), np.int64)
-    n_samples = n_docs = max_block = 0
+    n_samples = n_docs = n_pairs = max_block = 0
     det_boxes: dict[str, list] = {}  # document index in the shard -> per <det>, its boxes
     routed = Counter()
     for sample in iter_samples(path, report):
         n_samples += 1
         try:
-            parsed = parse_sample(sample, cfg.pair_order, cfg.seed)
-            ids, mask, boxes = encode_sample(tok, parsed, cfg)
+            if is_pair(sample):  # a preference pair: prompt + chosen, then prompt + rejected (train.stage=dpo)
+                pair = parse_pair(sample)
+                # a side that does not end (an IterDPO prefix) gets no <eos>
+                docs = [encode_sample(tok, ParsedSample(pair.key, Document(pair.prompt.segments + side.segments),
+                                                        [True] * len(pair.prompt.segments)
+                                                        + [False] * len(side.segments)),
+                                      dataclasses.replace(cfg, add_eos=cfg.add_eos and ends))
+                        for side, ends in ((pair.chosen, pair.chosen_ends), (pair.rejected, pair.rejected_ends))]
+                if np.array_equal(docs[0][0], docs[1][0]):
+                    raise BadSample("bad_pair", "the chosen and the rejected response tokenize the same")
+            else:
+                docs = [encode_sample(tok, parse_sample(sample, cfg.pair_order, cfg.seed), cfg)]
         except BadSample as e:
             report.skip(e.reason, sample.get("__key__", "?"), str(e))
             continue
@@ -106,15 +117,17 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
             raise RuntimeError(f"preprocessing sample {sample.get('__key__', '?')!r} of {path} failed with "
                                f"{type(e).__name__}: {e}; a bug, not bad data (bad data is skipped and "
                                "counted), so the run stops here") from e
-        tokens_b.add_document(ids, [len(ids)])
-        mask_b.add_document(mask, [len(mask)])
-        per_modality += np.bincount(table[ids], minlength=len(MODALITY_NAMES))
-        max_block = max(max_block, tok.vocab.longest_block(ids))
-        if boxes:
-            det_boxes[str(n_docs)] = boxes
-        for routing in ("<det>", "<gen>"):
-            routed[routing] += int((ids == tok.vocab.special(routing)).sum())
-        n_docs += 1
+        n_pairs += len(docs) == 2
+        for ids, mask, boxes in docs:
+            tokens_b.add_document(ids, [len(ids)])
+            mask_b.add_document(mask, [len(mask)])
+            per_modality += np.bincount(table[ids], minlength=len(MODALITY_NAMES))
+            max_block = max(max_block, tok.vocab.longest_block(ids))
+            if boxes:
+                det_boxes[str(n_docs)] = boxes
+            for routing in ("<det>", "<gen>"):
+                routed[routing] += int((ids == tok.vocab.special(routing)).sum())
+            n_docs += 1
     tokens_b.finalize(str(tmp[".idx"]))
     mask_b.finalize(str(tmp[".mask.idx"]))
     for suffix, p in tmp.items():
@@ -126,6 +139,7 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
         "source": str(path),
         "samples": n_samples,
         "documents": n_docs,
+        **({"pairs": n_pairs} if n_pairs else {}),
         "tokens": {"total": int(per_modality.sum()),
                    **{m: int(c) for m, c in zip(MODALITY_NAMES, per_modality) if m != "unused"}},
         "max_block": max_block,
@@ -358,7 +372,7 @@ def check_skip_rate(out: Path, cfg: PreprocessConfig) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     totals = manifest["totals"]
     samples, docs = totals["samples"], totals["documents"]
-    share = (samples - docs) / samples if samples else 1.0
+    share = (samples - docs + totals.get("pairs", 0)) / samples if samples else 1.0  # a pair: 1 sample, 2 documents
     # a shard that breaks (unreadable from its start: no sample counted at all) is measured by shards
     broken = sum(1 for e in manifest["shards"] if e["skipped"].get("corrupt_shard"))
     shard_share = broken / max(1, len(manifest["shards"]))
@@ -408,6 +422,8 @@ def write_manifest(out: Path, tok, cfg: PreprocessConfig, names: list[str]) -> b
         routed.update(e.get("routed", {}))
         totals["samples"] += e["samples"]
         totals["documents"] += e["documents"]
+        if e.get("pairs"):
+            totals["pairs"] = totals.get("pairs", 0) + e["pairs"]
         totals["tokens"].update(e["tokens"])
         totals["skipped"].update(e["skipped"])
         totals["max_block"] = max(totals["max_block"], e["max_block"])

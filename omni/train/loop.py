@@ -145,7 +145,8 @@ class Trainer:
         self._build()  # the backend's model(s) and optimizer; sets dp_rank / dp_world
         # the M-RoPE kinds train on 3-D positions: batches carry position_ids [3, B, L] (omni.rope.mrope_positions)
         self.mrope = cfg.model.rope.kind in MROPE_KINDS
-        self.stream = build_stream(cfg.data, self.tok, self.dp_rank, self.dp_world, mrope=self.mrope)
+        self.stream = build_stream(cfg.data, self.tok, self.dp_rank, self.dp_world, mrope=self.mrope,
+                                   pairs=cfg.train.stage == "dpo")
         self.eval_datasets = [TokenDataset(p, self.tok) for p in cfg.data.eval_paths]
         self.slots = _routing_slots([p.ds for p in self.stream.packers] + self.eval_datasets, cfg)
         self.out = check_writable(cfg.train.out, "train.out")
@@ -407,9 +408,8 @@ class Trainer:
                     sums[3 + 2 * k] += float(mean) * n
                     sums[4 + 2 * k] += n
         all_reduce_sum(sums)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self._clip()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         head_row = {}
         if self.heads is not None:
             self._sync_head_grads(n_routes)
@@ -421,28 +421,8 @@ class Trainer:
             head_row.update({k: float(v) for k, v in zip(names, totals)})  # already means over the global routes
             if not torch.isfinite(head_norm):
                 grad_norm = head_norm  # a non-finite head gradient skips the step like the decoder's
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
         loss_value = sums[0] / float(global_denom)
-        bad = torch.tensor([0.0 if (torch.isfinite(loss_value) and torch.isfinite(grad_norm)) else 1.0])
-        bad = bool(all_reduce_max(bad).item())
-        if bad:
-            self.opt.zero_grad(set_to_none=True)
-            if self.heads_opt is not None:
-                self.heads_opt.zero_grad(set_to_none=True)
-            self.bad_in_row += 1
-            self.skipped_steps += 1
-        else:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.heads_opt is not None:
-                self.heads_opt.step()
-                self.heads_opt.zero_grad(set_to_none=True)
-            self.bad_in_row = 0
-        self.step += 1
-        seq_len = batches[0]["input_ids"].shape[1]
-        n_tokens = tc.micro_batch_size * tc.grad_accum * seq_len * self.info.world
-        self.tokens_seen += n_tokens
+        bad, n_tokens = self._step_or_skip(loss_value, grad_norm, batches)
         row = {"step": self.step, "loss": float(loss_value), "ce": float(sums[1] / float(global_denom)),
                "z": float(sums[2] / float(global_denom)), "lr": lr, "grad_norm": float(grad_norm),
                "skipped": bool(bad), "skipped_steps": self.skipped_steps, "tokens": n_tokens, **head_row}
@@ -453,6 +433,32 @@ class Trainer:
             if n and weights_by_mod[name] > 0:  # the model's per-modality mean carries the weight: undo it
                 row[f"loss_{name}"] = float(sums[3 + 2 * k]) / n / weights_by_mod[name]
         return row
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the decoder's gradient to train.grad_clip; its global norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+    def _step_or_skip(self, loss_value: torch.Tensor, grad_norm: torch.Tensor, batches: list) -> tuple[bool, int]:
+        """The optimizer step, or none where any rank's loss or gradient norm is not finite (counted:
+        ``max_bad_steps`` in a row abort the run); then the step and token counters move on. Returns
+        (skipped, tokens of this step over all processes)."""
+        bad = torch.tensor([0.0 if (torch.isfinite(loss_value) and torch.isfinite(grad_norm)) else 1.0])
+        bad = bool(all_reduce_max(bad).item())
+        opts = [o for o in (self.opt, self.heads_opt) if o is not None]
+        for o in opts:
+            if not bad:
+                o.step()
+            o.zero_grad(set_to_none=True)
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        self.skipped_steps += bad
+        self.step += 1
+        tc = self.cfg.train
+        n_tokens = tc.micro_batch_size * tc.grad_accum * batches[0]["input_ids"].shape[1] * self.info.world
+        self.tokens_seen += n_tokens
+        return bad, n_tokens
 
     def _routes(self, batch: dict, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
         """(the routing tokens of a micro-batch, their K slots checked; ``weights`` [B, T] with the targets
@@ -631,6 +637,10 @@ def train(cfg: RunConfig, resume: str = "auto", progress: bool = True) -> dict:
             from omni.train.megatron import MegatronTrainer
 
             return MegatronTrainer(cfg, resume, progress).run()
+        if cfg.train.stage == "dpo":
+            from omni.train.dpo import DPOTrainer
+
+            return DPOTrainer(cfg, resume, progress).run()
         return Trainer(cfg, resume, progress).run()
     except KeyboardInterrupt:  # the second Ctrl-C: no checkpoint now, but say which one there is
         found = list_checkpoints(cfg.train.out)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from corpus import pydoc_topics, write_text_tokens
-from processes import signal_after_first_step
+from processes import signal_after_first_step, torchrun_train
 
 from conftest import run_cli
 from omni.config import RunConfig, load_config
@@ -262,10 +262,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, text_run, strategy):
     one = _recipe(text_run, tmp_path / "one", steps=4, micro_batch_size=4, grad_accum=2)
     train(load_config(RunConfig, one), resume="none", progress=False)
     two = _recipe(text_run, tmp_path / "two", steps=4, micro_batch_size=2, grad_accum=2)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "omni", "train", str(two), "--quiet", f"parallel.strategy={strategy}"],
-                       cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train(two, f"parallel.strategy={strategy}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trained to step 4") == 1  # only rank 0 prints
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -411,10 +408,7 @@ def test_resume_under_another_world_size_with_the_same_global_batch(tmp_path, te
     mixed = _recipe(text_run, tmp_path / "mixed", steps=4, save_every=2, micro_batch_size=2)
     (tmp_path / "mixed").mkdir()
     shutil.copytree(tmp_path / "one" / "step_000002", tmp_path / "mixed" / "step_000002")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "omni", "train", str(mixed), "--quiet"],
-                       cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train(mixed)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data-parallel 2" in r.stdout and "resumed from" in r.stdout
     a, b = dict(_losses(tmp_path / "one")), dict(_losses(tmp_path / "mixed"))
