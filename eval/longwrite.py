@@ -299,3 +299,30 @@ def write_preference_shards(out: str | os.PathLike, samples: Sequence[dict], per
     if per_shard < 1:
         raise OmniError(f"per_shard must be >= 1, got {per_shard}")
     return write_tar_shards(out, stem, list(samples), per_shard, resume, lambda s: [s])
+
+
+def iterdpo_samples(model, tok, judge, stories: Sequence, key: str, batch_size: int = 16, seed: int = 0,
+                    rejected_prefix: str = "original") -> tuple[list[dict], dict]:
+    """IterDPO's data from one policy: each story's prompt continued as the suite does (greedy, the
+    model stopping by itself), corrected (:func:`correct_story`), its prefix pairs
+    (:func:`omni.train.dpo.iterdpo_pairs`) as preference samples (keys ``KEY-J-I``). Returns (the
+    samples, a summary: stories, pairs, stories corrected, pairs per corrected segment, and the sampled
+    outputs' mean length, S_l, S_q and S). ``rejected_prefix``: see :func:`omni.train.dpo.iterdpo_pairs`."""
+    from omni.train.dpo import iterdpo_pairs
+
+    pictures, _ = generate_stories(model, tok, stories, batch_size, seed)
+    samples, scores, at = [], [], {}
+    for j, (st, pics) in enumerate(zip(stories, pictures)):
+        n = len(st.steps)
+        scores.append(score_story(st.steps, judge.predict(pics[:n]) if pics else [], len(pics)))
+        pairs = iterdpo_pairs(*correct_story(st, pics, judge), rejected_prefix=rejected_prefix)
+        for i, _, _ in pairs:
+            at[i] = at.get(i, 0) + 1
+        samples += preference_samples(st, pairs, f"{key}-{j:06d}")
+    summary = {"stories": len(stories), "pairs": len(samples), "rejected_prefix": rejected_prefix,
+               "stories_corrected": sum(not all(s["right"]) or s["produced"] != len(st.steps)
+                                        for s, st in zip(scores, stories)),
+               "pairs_at_segment": {str(i): at[i] for i in sorted(at)},
+               "produced": _mean([s["produced"] for s in scores]),
+               **{k: _mean([s[k] for s in scores]) for k in ("length_score", "quality_score", "overall_score")}}
+    return samples, summary

@@ -314,3 +314,42 @@ def test_long_context_stage_and_niah_on_the_demo_checkpoints(small_demo, tmp_pat
         assert np.shape(m["accuracy"]) == (3, len(lengths.split(","))) and 0 <= m["mean"] <= 1
         assert (dest / "niah.png").stat().st_size > 1000 and "heatmap" in (dest / "index.html").read_text()
     assert m["rope"] == "yarn x4" and m["covered_positions"] == 1024 and m["tokens"][0] > 900
+
+
+def test_long_output_loop_on_the_demo_checkpoints(small_demo, tmp_path):
+    """The README's long-output commands at a few steps, on the demo's decoder and judge: `omni data
+    stories` -> the long-output SFT stage -> `omni data iterdpo` (its own stories of training prompts,
+    corrected) -> the DPO stage (recipes/stages/longwrite_*.yaml) -> `omni eval longwrite` on held-out
+    prompts (JSON and HTML)."""
+    from omni.checkpoint import load
+    from omni.config import recipes_dir
+
+    out, _, _ = small_demo
+    tok, stages = out / "tokenizer", Path(str(recipes_dir())) / "stages"
+
+    def ok(*args):
+        rc, stdout, err = run_cli(*args)
+        assert rc == 0, (args, err)
+        return stdout
+
+    ok("data", "stories", tmp_path / "sft_raw", "--stories", "16", "--steps", "4,5")
+    ok("data", "preprocess", "--input", tmp_path / "sft_raw", "--tokenizer", tok, "--out", tmp_path / "sft_tokens", "--quiet")
+    few = ["train.steps=3", "train.save_every=3", "train.warmup_steps=1", "train.log_every=1", f"data.tokenizer={tok}"]
+    ok("train", stages / "longwrite_sft.yaml", "--quiet", *few, f"data.paths=[{tmp_path / 'sft_tokens'},{out / 'tokens' / 'story'}]", "data.weights=[0.8,0.2]",
+       f"train.init_from={out / 'model'}", f"train.out={tmp_path / 'sft'}")
+    ok("data", "iterdpo", tmp_path / "pref_raw", "--checkpoint", tmp_path / "sft", "--judge", out / "judge",
+       "--stories", "6", "--steps", "4,5", "--rejected-prefix", "corrected")
+    summary = json.loads((tmp_path / "pref_raw" / "iterdpo.json").read_text())
+    assert summary["stories"] == 6 and summary["pairs"] >= 1  # 3 steps of SFT: not every story right
+    ok("data", "preprocess", "--input", tmp_path / "pref_raw", "--tokenizer", tok, "--out", tmp_path / "pref", "--quiet")
+    ok("train", stages / "longwrite_dpo.yaml", "--quiet", *few, f"data.paths=[{tmp_path / 'pref'}]",
+       f"train.init_from={tmp_path / 'sft'}", f"train.out={tmp_path / 'dpo'}")
+    rows = [json.loads(ln) for ln in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["margin"] == pytest.approx(0.0, abs=1e-3)  # starts at the reference
+    model, _ = load(tmp_path / "dpo", device="cpu")
+    assert model.config.max_seq_len == 1280
+    ok("eval", "longwrite", "--checkpoint", tmp_path / "dpo", f"longwrite.judge={out / 'judge'}", "longwrite.steps=[4,6]",
+       "longwrite.prompts=2", "--out", tmp_path / "lw")
+    m = json.loads((tmp_path / "lw" / "metrics.json").read_text())
+    assert [b["steps"] for b in m["buckets"]] == [4, 6] and m["max_positions"] == 1280
+    assert 0 <= m["overall"]["overall_score"] <= 100 and "N = 6 steps" in (tmp_path / "lw" / "index.html").read_text()

@@ -1,6 +1,7 @@
 """`omni data preprocess`: tokenize WebDataset shards into packed token datasets; `omni data needles`: the
 toy world's long documents (needle-in-a-haystack items, albums, long text) for a long-context stage;
-`omni data stories`: its long stories (N steps, one picture each) for long output."""
+`omni data stories`: its long stories (N steps, one picture each) for long output; `omni data iterdpo`: a
+policy's stories corrected by the toy world into IterDPO preference pairs."""
 
 from __future__ import annotations
 
@@ -97,6 +98,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--seed", type=int, default=0)
     st.set_defaults(func=_stories)
 
+    it = dsub.add_parser(
+        "iterdpo",
+        help="sample long stories with a checkpoint, correct them with the toy world, write IterDPO preference pairs",
+        description="LongWriter-V's IterDPO data on the toy world (omni.eval.longwrite): a checkpoint continues the "
+        "prompts of --stories training stories (greedy, pictures only, stopping by itself); the judge reads each "
+        "picture; a wrong or missing step is replaced by the world's right picture, and one drawn past the N steps "
+        "by the end; each corrected step i gives a pair (the corrected output up to step i vs the original up to "
+        "step i). Writes preference shards for `omni data preprocess` and OUT/iterdpo.json (the sampled outputs' "
+        "length and quality scores, pairs per step). The world is the bundle's canvas with --grid and --order.",
+        formatter_class=Formatter,
+    )
+    it.add_argument("out", metavar="DIR", help="folder to write preference shards into")
+    it.add_argument("--checkpoint", required=True, metavar="DIR", help="the policy to sample (an SFT checkpoint)")
+    it.add_argument("--judge", required=True, metavar="DIR", help="a toy-world judge (an `omni demo` folder's judge/)")
+    it.add_argument("--steps", default="4,8", metavar="LO,HI", help="story lengths LO..HI inclusive (default 4,8)")
+    it.add_argument("--stories", type=int, default=500, help="stories to sample (default 500)")
+    it.add_argument("--grid", type=int, default=world.grid, help=f"as for `omni data stories` (default {world.grid})")
+    it.add_argument("--order", default=world.order, choices=ORDERS, help=f"as for `omni data stories` (default {world.order})")
+    it.add_argument("--rejected-prefix", default="original", choices=("original", "corrected"),
+                    help="the rejected side of pair i: the original output up to step i ('original', the default: "
+                    "LongWriter-V's pairs), or the corrected steps before i and the original step i ('corrected': "
+                    "the two sides differ in step i alone)")
+    it.add_argument("--batch-size", type=int, default=16, help="stories generated at once (default 16)")
+    it.add_argument("--seed", type=int, default=0)
+    it.set_defaults(func=_iterdpo)
+
 
 def _needles(args) -> int:
     from omni.bundle import UnifiedTokenizer
@@ -110,22 +137,53 @@ def _needles(args) -> int:
     return 0
 
 
-def _stories(args) -> int:
+def _steps(text: str) -> range:
+    """--steps LO,HI (or one length) -> the story lengths."""
     from omni.errors import OmniError
-    from omni.toy.stories import write_shards
 
     try:
-        bounds = [int(v) for v in args.steps.split(",")]
+        bounds = [int(v) for v in text.split(",")]
     except ValueError:
         bounds = []
     if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
-        raise OmniError(f"--steps {args.steps!r} is invalid: give LO,HI (story lengths LO..HI inclusive, "
+        raise OmniError(f"--steps {text!r} is invalid: give LO,HI (story lengths LO..HI inclusive, "
                         "1 <= LO <= HI, for example 4,8) or one length >= 1")
-    steps = range(bounds[0], bounds[-1] + 1)
+    return range(bounds[0], bounds[-1] + 1)
+
+
+def _stories(args) -> int:
+    from omni.toy.stories import write_shards
+
+    steps = _steps(args.steps)
     paths = write_shards(args.out, args.stories, steps, args.split, args.seed, args.size, args.grid, args.order,
                          per_shard=args.per_shard, resume=True)
-    print(f"wrote {args.stories} {args.split} stories of {bounds[0]} to {bounds[-1]} steps ({len(paths)} shards) "
+    print(f"wrote {args.stories} {args.split} stories of {steps[0]} to {steps[-1]} steps ({len(paths)} shards) "
           f"to {args.out}")
+    return 0
+
+
+def _iterdpo(args) -> int:
+    import json
+    from pathlib import Path
+
+    from omni.eval.judge import judged_suite
+    from omni.eval.longwrite import iterdpo_samples, write_preference_shards
+    from omni.io import atomic_write_text
+    from omni.toy.stories import stories
+
+    steps = _steps(args.steps)
+    model, tok, judge = judged_suite(args.checkpoint, [], args.judge, "iterdpo", "--judge", "stories")
+    # training prompts only: validation and test prompts are what `omni eval longwrite` measures
+    sts = stories(args.stories, steps, "train", args.seed, tok.image.config.image_size, args.grid, args.order)
+    samples, summary = iterdpo_samples(model, tok, judge, sts, f"train-{args.seed}", args.batch_size, args.seed,
+                                       args.rejected_prefix)
+    paths = write_preference_shards(args.out, samples) if samples else []
+    summary.update(checkpoint=str(args.checkpoint), split="train", steps=list(steps), seed=args.seed,
+                   shards=[p.name for p in paths])
+    atomic_write_text(Path(args.out) / "iterdpo.json", json.dumps(summary, indent=1) + "\n")
+    print(f"{summary['pairs']} preference pairs from {summary['stories']} training stories "
+          f"({summary['stories_corrected']} corrected; sampled S_l {summary['length_score']:.1f}, "
+          f"S_q {summary['quality_score']:.1f}) to {args.out}")
     return 0
 
 

@@ -124,15 +124,22 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                          (chosen > rejected).float().mean())
 
 
-def iterdpo_pairs(original: Sequence, corrected: Sequence) -> list[tuple[int, list, list]]:
+def iterdpo_pairs(original: Sequence, corrected: Sequence,
+                  rejected_prefix: str = "original") -> list[tuple[int, list, list]]:
     """IterDPO's prefix pairs of one long output: ``original`` and ``corrected`` are its segments
     (any objects comparable with ``==``; a segment the corrector kept is equal in both). Returns
-    ``(i, chosen, rejected)`` = ``(i, corrected[:i + 1], original[:i + 1])`` for each segment i that
-    the correction changed, in order; none when nothing changed."""
+    ``(i, chosen, rejected)`` for each segment i that the correction changed, in order (none when
+    nothing changed): chosen = ``corrected[:i + 1]``; rejected = ``original[:i + 1]`` (``rejected_prefix``
+    'original', LongWriter-V's pairs as the issue states them) or ``corrected[:i] + [original[i]]``
+    ('corrected': both sides share the corrected prefix and differ in segment i alone, so the
+    preference is about that segment only, not also about the earlier ones a previous pair covers)."""
     if len(original) != len(corrected):
         raise OmniError(f"IterDPO needs the original and the corrected output in the same segments: "
                         f"{len(original)} vs {len(corrected)}")
-    return [(i, list(corrected[:i + 1]), list(original[:i + 1]))
+    if rejected_prefix not in ("original", "corrected"):
+        raise OmniError(f"rejected_prefix={rejected_prefix!r} is invalid; choose from 'original', 'corrected'")
+    before = original if rejected_prefix == "original" else corrected
+    return [(i, list(corrected[:i + 1]), [*before[:i], original[i]])
             for i in range(len(original)) if corrected[i] != original[i]]
 
 

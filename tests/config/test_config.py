@@ -140,10 +140,14 @@ def test_stage_recipes_continue_the_demo_model():
     demo = yaml.safe_load((root / "demo" / "default.yaml").read_text())["model"]
     shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "qk_norm")
     stages = sorted((root / "stages").glob("*.yaml"))
-    assert [p.name for p in stages] == ["long_context.yaml", "needles.yaml"]
+    assert [p.name for p in stages] == ["long_context.yaml", "longwrite_dpo.yaml", "longwrite_sft.yaml", "needles.yaml"]
     for path in stages:
         model = yaml.safe_load(path.read_text())["model"]
         assert {k: model[k] for k in shape} == {k: demo[k] for k in shape}, path
     long = load_config(RunConfig, root / "stages" / "long_context.yaml")
     assert long.model.max_seq_len == long.data.seq_len == 4 * long.model.rope.original_max_position_embeddings
     assert long.model.rope.kind == "yarn" and long.model.rope.factor == 4
+    sft, dpo = (load_config(RunConfig, root / "stages" / f"longwrite_{s}.yaml") for s in ("sft", "dpo"))
+    assert (sft.train.stage, dpo.train.stage) == ("sft", "dpo")
+    # the same room for generation, so `omni eval longwrite` compares the two checkpoints fairly
+    assert sft.model.max_seq_len == dpo.model.max_seq_len == dpo.data.seq_len

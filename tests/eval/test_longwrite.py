@@ -154,6 +154,28 @@ def test_suite_end_to_end_and_refusals(tmp_path, tiny_model_config, real_tokeniz
     assert page.count("data:image/png;base64,") == sum(sum(b["produced_counts"][:2]) for b in m["buckets"])
     assert page.count("missing (wrong)") == sum(max(0, b["steps"] - c) for b in m["buckets"] for c in b["produced_counts"])
 
+    # IterDPO's data from the same checkpoint: sampled, corrected, written, preprocessed into pairs
+    rc, out, err = run_cli("data", "iterdpo", tmp_path / "pref", "--checkpoint", tmp_path / "ck", "--judge",
+                           tmp_path / "judge", "--stories", "3", "--steps", "2,3", "--batch-size", "3")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "pref" / "iterdpo.json").read_text())
+    assert summary["stories"] == 3 and summary["pairs"] >= 1 and f"{summary['pairs']} preference pairs" in out
+    assert summary["pairs"] == sum(summary["pairs_at_segment"].values())
+    # (the random image tokenizer codes some wrong pictures like the right one: such a pair is skipped)
+    rc, _, err = run_cli("data", "preprocess", "--input", tmp_path / "pref", "--tokenizer", tmp_path / "ck" / "tokenizer",
+                         "--out", tmp_path / "pref_tokens", "--quiet", "max_skip_fraction=0.5")
+    assert rc == 0, err
+    from omni.data.packing import TokenDataset
+
+    ds = TokenDataset(tmp_path / "pref_tokens", real_tokenizer)
+    assert ds.pairs >= 1 and ds.pairs + ds.manifest["totals"]["skipped"].get("bad_pair", 0) == summary["pairs"]
+    boi = real_tokenizer.vocab.special("<boi>")
+    for j in range(ds.pairs):
+        (c, cm), (r, rm) = ds.document(2 * j), ds.document(2 * j + 1)
+        prompt = int((cm == 0).sum())
+        assert prompt == int((rm == 0).sum()) and np.array_equal(c[:prompt], r[:prompt])  # the same prompt
+        assert c[prompt] == boi  # the chosen side is pictures
+
     save_checkpoint(tmp_path / "text", OmniDecoder(tiny_model_config),
                     tokenizer=UnifiedTokenizer.build(text_tokenizer))
     for ck, args, msg in [

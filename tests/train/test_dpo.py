@@ -64,3 +64,10 @@ def test_iterdpo_pairs_of_a_four_segment_output():
     assert iterdpo_pairs(original, original) == []
     with pytest.raises(OmniError, match="same segments"):
         iterdpo_pairs(original, corrected[:3])
+    # the shared-prefix variant: the rejected side keeps the earlier corrections, differing in segment i only
+    assert iterdpo_pairs(original, corrected, rejected_prefix="corrected") == [
+        (1, ["a red circle", "a blue circle"], ["a red circle", "a blue square"]),
+        (3, corrected, ["a red circle", "a blue circle", "a green triangle", "a red square"]),
+    ]
+    with pytest.raises(OmniError, match="rejected_prefix='shared' is invalid"):
+        iterdpo_pairs(original, corrected, rejected_prefix="shared")
