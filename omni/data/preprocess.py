@@ -98,7 +98,8 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
     for sample in iter_samples(path, report):
         n_samples += 1
         try:
-            if is_pair(sample):  # a preference pair: prompt + chosen, then prompt + rejected (train.stage=dpo)
+            pair_sample = is_pair(sample)
+            if pair_sample:  # a preference pair: prompt + chosen, then prompt + rejected (train.stage=dpo)
                 pair = parse_pair(sample)
                 # a side that does not end (an IterDPO prefix) gets no <eos>
                 docs = [encode_sample(tok, ParsedSample(pair.key, Document(pair.prompt.segments + side.segments),
@@ -117,7 +118,7 @@ def process_shard(path: Path, name: str, out: Path, tok, cfg: PreprocessConfig) 
             raise RuntimeError(f"preprocessing sample {sample.get('__key__', '?')!r} of {path} failed with "
                                f"{type(e).__name__}: {e}; a bug, not bad data (bad data is skipped and "
                                "counted), so the run stops here") from e
-        n_pairs += len(docs) == 2
+        n_pairs += pair_sample
         for ids, mask, boxes in docs:
             tokens_b.add_document(ids, [len(ids)])
             mask_b.add_document(mask, [len(mask)])

@@ -180,12 +180,12 @@ def parse_pair(sample: dict) -> ParsedPair:
             raise BadSample("bad_pair", f"'{name}' holds a det/gen routing segment: preference pairs are text, "
                             "images and audio")
         docs[name] = _segments(segs, members, key)[0]
-    if ends["chosen"] == ends["rejected"] and segs_equal(parts["chosen"], parts["rejected"], members):
+    if ends["chosen"] == ends["rejected"] and _same_segments(parts["chosen"], parts["rejected"], members):
         raise BadSample("bad_pair", "the chosen and the rejected response are the same")
     return ParsedPair(key, docs["prompt"], docs["chosen"], docs["rejected"], ends["chosen"], ends["rejected"])
 
 
-def segs_equal(a: list, b: list, members: dict) -> bool:
+def _same_segments(a: list, b: list, members: dict) -> bool:
     """Whether two segment lists say the same: equal texts, and media members of equal bytes."""
     def content(segs):
         return [json.dumps({k: (members.get(str(v).lower()) if k in ("image", "audio") else v)

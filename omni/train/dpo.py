@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from omni.errors import OmniError
+from omni.train.loop import Trainer  # loop.py imports DPOTrainer only inside train(): no cycle
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,6 @@ def iterdpo_pairs(original: Sequence, corrected: Sequence,
             for i in range(len(original)) if corrected[i] != original[i]]
 
 
-from omni.train.loop import Trainer  # noqa: E402  (the trainer imports this module's math lazily)
 
 
 class DPOTrainer(Trainer):

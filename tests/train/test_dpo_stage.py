@@ -137,7 +137,8 @@ def test_pair_data_and_stages_must_match(pref_run):
                              ("train.dpo.beta=0", "train.dpo.beta=0.0 is invalid"),
                              ("train.stage=ppo", "'pretrain', 'sft', 'dpo'"),
                              ("data.seq_len=40", "pairs are longer than a row"),
-                             ("parallel.backend=megatron", "plain-PyTorch backend")]:
+                             ("parallel.backend=megatron", "plain-PyTorch backend"),
+                             ("heads.det.enabled=true", "without task heads")]:
         rc, _, err = run_cli("train", _recipe(pref_run, pref_run / "x3"), "--quiet", override)
         assert rc == 2 and needle in err and "Traceback" not in err, (override, err)
 
